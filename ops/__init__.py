@@ -1,0 +1,1 @@
+"""Torch-only implementations of the pack's techniques. Nothing here imports ComfyUI."""

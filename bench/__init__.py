@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory of the pack's nodes through real ComfyUI sampling (not tests)."""

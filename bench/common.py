@@ -1,0 +1,177 @@
+"""What every benchmark case shares: the host, a random-weight SDXL, conditioning, timing and peak memory.
+
+Full mode: the real SDXL base architecture (ComfyUI's SDXL unet_config: 2.6 B UNet parameters) with
+seeded random weights on CUDA, fp16, 1024x1024, Euler, 50 steps, cfg 5. Small mode (`--small`): the
+tiny test UNet on the CPU, for CI smoke. Random weights make the pictures noise, but the cost is real.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests" / "host_nodes"))
+
+GIB = 1024**3
+
+# ComfyUI's detected config for SDXL base (comfy/model_detection.py), i.e. diffusers' SDXL base UNet
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+@dataclass
+class Measured:
+    seconds: float  # median wall time of one call
+    peak_gib: float  # peak allocated device memory during the calls (0 on CPU)
+    result: Any
+    all_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BenchContext:
+    small: bool
+    out_dir: Path
+    steps: int = 50
+    cfg: float = 5.0
+    width: int = 1024
+    height: int = 1024
+    repeat: int = 2
+    rows: list[dict] = field(default_factory=list)
+    _base: Any = None
+
+    def __post_init__(self) -> None:
+        if self.small:
+            self.steps, self.width, self.height, self.repeat = 3, 64, 64, 1
+        import comfy_inprocess
+
+        self.host = comfy_inprocess.boot(cpu=self.small or not torch.cuda.is_available())
+        import comfy.model_management as mm
+
+        self.device = mm.get_torch_device()
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+
+    @property
+    def unet_config(self) -> dict:
+        from tinymodels.factories import TINY_UNET_CONFIG
+
+        return dict(TINY_UNET_CONFIG if self.small else SDXL_UNET_CONFIG)
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet_config["context_dim"]
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.unet_config["adm_in_channels"] - 6 * 256
+
+    def build_model(self, seed: int = 0, dtype: torch.dtype | None = None, model_options: dict | None = None):
+        """A fresh ComfyUI SDXL ModelPatcher with seeded random weights (fan-in normal), built on the device."""
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        import comfy.supported_models
+
+        dtype = dtype or self.dtype
+        cfg = comfy.supported_models.SDXL(self.unet_config)
+        cfg.set_inference_dtype(dtype, None)
+        if model_options and model_options.get("custom_operations") is not None:
+            cfg.custom_operations = model_options["custom_operations"]
+        model = cfg.get_model({}, device=self.device)
+        init_random_(model.diffusion_model, seed)
+        model.diffusion_model.to(self.device)
+        return comfy.model_patcher.ModelPatcher(model, load_device=self.device, offload_device=mm.unet_offload_device())
+
+    def base_model(self):
+        """The shared fp16 SDXL (built once); clone() it before patching."""
+        if self._base is None:
+            self._base = self.build_model()
+        return self._base
+
+    def conds(self, batch: int = 1, seed: int = 0) -> tuple[list, list]:
+        """Positive/negative conditioning of SDXL's shapes (77 tokens x context_dim, pooled) from random tensors."""
+        g = torch.Generator().manual_seed(seed)
+
+        def one():
+            c = torch.randn(batch, 77, self.context_dim, generator=g)
+            p = torch.randn(batch, self.pooled_dim, generator=g)
+            return [[c, {"pooled_output": p, "width": self.width, "height": self.height}]]
+
+        return one(), one()
+
+    def latent(self, batch: int = 1) -> dict:
+        return {"samples": torch.zeros(batch, 4, self.height // 8, self.width // 8)}
+
+    def sample(self, model, steps: int | None = None, cfg: float | None = None, seed: int = 0,
+               sampler: str = "euler", scheduler: str = "normal", batch: int = 1) -> torch.Tensor:
+        """One image (batch) through ComfyUI's own KSampler path (nodes.common_ksampler)."""
+        import nodes
+
+        pos, neg = self.conds(batch)
+        (out,) = nodes.common_ksampler(model, seed, steps or self.steps, self.cfg if cfg is None else cfg,
+                                       sampler, scheduler, pos, neg, self.latent(batch))
+        return out["samples"]
+
+    def measure(self, fn: Callable[[], Any], warmup: int = 1, repeat: int | None = None) -> Measured:
+        """Median wall time of fn() after warm-up, with the device synchronized, and peak allocated memory."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times, result = [], None
+        for _ in range(repeat or self.repeat):
+            t0 = time.perf_counter()
+            result = fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() / GIB if self.device.type == "cuda" else 0.0
+        return Measured(statistics.median(times), peak, result, times)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def free_models(self) -> None:
+        """Unload everything ComfyUI holds on the device, so the next case starts clean."""
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+    def add_row(self, case: str, name: str, m: Measured | None = None, steps: int | None = None, **extra) -> dict:
+        row = {"case": case, "name": name}
+        if m is not None:
+            steps = steps or self.steps
+            row.update(s_per_image=round(m.seconds, 4), s_per_step=round(m.seconds / steps, 5),
+                       peak_vram_gib=round(m.peak_gib, 3), runs_s=[round(t, 4) for t in m.all_seconds])
+        row.update(extra)
+        self.rows.append(row)
+        print(f"  {case}/{name}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "name")),
+              flush=True)
+        return row
+
+
+def init_random_(module: torch.nn.Module, seed: int) -> None:
+    """Seeded fan-in normal weights, ~1 norm scales, small biases; on the module's own device (fast on GPU)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
+            elif name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.05)

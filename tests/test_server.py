@@ -1,0 +1,113 @@
+"""The served host: main.py with this pack, as a user starts it; nodes, workflows and a prompt over HTTP."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.server
+
+TESTS = Path(__file__).resolve().parent
+PACK = TESTS.parent
+PACK_NAME = "sdxl_optimizer"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(host, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    extra = tmp / "extra_model_paths.yaml"
+    extra.write_text(f"sdxlopt_tests:\n  custom_nodes: {TESTS / 'host_nodes'}\n")
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--user-directory", str(tmp / "user"), "--output-directory", str(tmp / "output"),
+         "--extra-model-paths-config", str(extra), "--disable-auto-launch"],
+        cwd=host.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    (tmp / "user").mkdir(exist_ok=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"main.py exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
+        try:
+            get(base + "/system_stats", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"main.py did not answer in 120 s:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_object_info_lists_the_pack_nodes(server):
+    info = get(server + "/object_info", timeout=60)
+    ours = sorted(k for k in info if k.startswith("SDXLOpt") and not k.startswith("SDXLOptTest"))
+    assert "SDXLOptPatchReport" in ours, f"expected the pack's nodes in /object_info, got {ours}"
+    for node_id in ours:
+        assert info[node_id]["category"].startswith("sdxl_optimizer"), node_id
+        assert info[node_id]["python_module"].endswith(PACK_NAME), info[node_id]["python_module"]
+
+
+def test_workflow_templates_lists_the_pack_workflows(server):
+    templates = get(server + "/workflow_templates")
+    shipped = sorted(p.stem for p in (PACK / "workflows").glob("*.json"))
+    assert shipped, "expected at least one shipped workflow in workflows/"
+    assert sorted(templates.get(PACK_NAME, [])) == shipped, f"got {templates}"
+    for name in shipped:
+        wf = get(f"{server}/api/workflow_templates/{PACK_NAME}/{name}.json")
+        assert wf["nodes"], name
+
+
+def test_prompt_queued_over_http_samples_and_saves_an_image(server):
+    prompt = {
+        "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "taesd"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "SDXLOptPatchReport", "inputs": {"model": ["1", 0]}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0],
+            "seed": 3, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "sdxlopt_test"}},
+    }
+    req = urllib.request.Request(server + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        prompt_id = json.loads(r.read())["prompt_id"]
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        hist = get(f"{server}/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.5)
+    entry = hist[prompt_id]
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["7"]["images"]
+    assert images and images[0]["filename"].startswith("sdxlopt_test")
+    assert "SDXL" in entry["outputs"]["4"]["text"][0]

@@ -49,16 +49,15 @@ def boot(comfy_dir: Path | None = None, user_dir: Path | None = None, cpu: bool 
         raise RuntimeError(f"expected a ComfyUI tree (with main.py) at {comfy_dir}, found none. Fix: run "
                            "`python3 scripts/host.py setup`, or set SDXLOPT_COMFYUI to your ComfyUI folder.")
     sys.path.insert(0, str(comfy_dir))
-    import torch
-
     import comfy.options  # noqa: F401  (arg parsing stays off: sys.argv belongs to pytest/bench)
+    import torch
     from comfy.cli_args import args
 
     args.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     if user_dir is not None:
         args.user_directory = str(user_dir)
-    import utils.extra_config  # noqa: F401  (before `nodes`, as main.py does)
     import folder_paths
+    import utils.extra_config  # noqa: F401  (before `nodes`, as main.py does)
 
     if user_dir is not None:
         folder_paths.set_user_directory(str(user_dir))

@@ -142,7 +142,7 @@ def ensure_venv() -> None:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036  (run by the system python3, before the venv exists)
         raise SetupError(f"expected Python >= 3.10, got {sys.version.split()[0]}. Fix: run with python3.11.")
     HOST.mkdir(parents=True, exist_ok=True)
     ensure_comfyui()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+
 from tinymodels import bridge, factories
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import comfy.patcher_extension
 import torch
-from tinymodels import factories
 
 from sdxl_optimizer.nodes.patch_report import PatchReport
 from sdxl_optimizer.ops.patch_report import describe, dtype_histogram, format_report
+from tinymodels import factories
 
 
 def my_wrapper(executor, *args, **kwargs):

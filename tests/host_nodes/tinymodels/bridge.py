@@ -64,11 +64,19 @@ def diffusers_unet_from_comfy(comfy_unet: torch.nn.Module, unet_config: dict = T
     return dunet.eval()
 
 
-def comfy_unet_from_diffusers_sd(diffusers_sd: dict, unet_config: dict, dtype=torch.float16):
-    """ComfyUI model (ModelPatcher) from a diffusers-format UNet state dict, converted by ComfyUI itself."""
-    import comfy.sd
+def load_diffusers_into_comfy(dunet, comfy_unet: torch.nn.Module, unet_config: dict = TINY_UNET_CONFIG) -> None:
+    """Copy a diffusers UNet's weights into ComfyUI's UNet in place (the reverse of diffusers_unet_from_comfy)."""
+    import comfy.utils
 
-    return comfy.sd.load_diffusion_model_state_dict(diffusers_sd, model_options={"dtype": dtype})
+    key_map = dict(comfy.utils.unet_to_diffusers(unet_config))
+    key_map.update(ADM_KEYS)
+    dsd = dunet.state_dict()
+    csd = comfy_unet.state_dict()
+    mapped = {key_map[k]: v for k, v in dsd.items()}
+    missing = sorted(set(csd) - set(mapped))
+    if missing:
+        raise KeyError(f"expected every ComfyUI key to be fed from diffusers, {len(missing)} were not: {missing[:5]}")
+    comfy_unet.load_state_dict({k: mapped[k].to(csd[k].dtype) for k in csd})
 
 
 def comfy_y(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,10 @@ class BenchContext:
             self.steps, self.width, self.height, self.repeat = 3, 64, 64, 1
         import comfy_inprocess
 
+        from . import av_stub
+
+        if av_stub.install():
+            print("[bench] PyAV missing: using a stub (video nodes unused here)", flush=True)
         self.host = comfy_inprocess.boot(cpu=self.small or not torch.cuda.is_available())
         import comfy.model_management as mm
 

@@ -50,7 +50,7 @@ class BenchContext:
     cfg: float = 5.0
     width: int = 1024
     height: int = 1024
-    repeat: int = 2
+    repeat: int = 3
     rows: list[dict] = field(default_factory=list)
     _base: Any = None
 

@@ -72,6 +72,12 @@ def boot(comfy_dir: Path | None = None, user_dir: Path | None = None, cpu: bool 
     if name is None:
         raise RuntimeError(f"ComfyUI at {comfy_dir} did not load the pack from {PACK}; its log above says why. "
                            "Fix the import error, or link the pack into custom_nodes/ (scripts/host.py setup).")
+    if "SDXLOptPatchReport" not in nodes.NODE_CLASS_MAPPINGS:  # module imported but the entrypoint failed
+        try:
+            asyncio.run(asyncio.run(sys.modules[name].comfy_entrypoint()).get_node_list())
+        except Exception as e:
+            raise RuntimeError(f"the pack at {PACK} imported but registered no nodes: {e!r}. Fix that error.") from e
+        raise RuntimeError(f"the pack at {PACK} imported but registered no nodes; the log above says why.")
     for d in extra_node_dirs:
         asyncio.run(nodes.load_custom_node(str(d)))
     _alias_pack(name)

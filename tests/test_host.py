@@ -19,6 +19,13 @@ def test_pack_nodes_are_registered_in_the_host(host):
     assert host.pack_module.comfy_entrypoint is not None
 
 
+def test_no_pack_module_or_node_failed_to_load(host):
+    from sdxl_optimizer import nodes as pack_nodes_pkg
+
+    assert not pack_nodes_pkg.FAILED, "expected every pack module and node to load, these failed:\n" + "\n".join(
+        f"{k}: {v}" for k, v in pack_nodes_pkg.FAILED.items())
+
+
 def test_every_node_follows_the_schema_rules(host):
     for node_id, cls in pack_nodes().items():
         assert issubclass(cls, io.ComfyNode), f"{node_id}: expected a V3 io.ComfyNode, got {cls.__mro__}"

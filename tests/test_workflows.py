@@ -14,25 +14,9 @@ sys.path.insert(0, str(PACK / "scripts"))
 import make_workflows  # noqa: E402
 from workflow_graph import node_defs, ui_to_api  # noqa: E402
 
+from tinymodels.substitution import tiny_prompt  # noqa: E402
+
 SHIPPED = sorted((PACK / "workflows").glob("*.json"))
-# loader -> test stand-in with the same output slots (MODEL, CLIP, VAE)
-TINY_LOADERS = {"CheckpointLoaderSimple": "SDXLOptTestTinyCheckpoint"}
-
-
-def tiny_prompt(prompt: dict) -> dict:
-    """The workflow's prompt with every checkpoint loader replaced by the tiny seeded model."""
-    out = json.loads(json.dumps(prompt))
-    for node in out.values():
-        if node["class_type"] in TINY_LOADERS:
-            node["class_type"] = TINY_LOADERS[node["class_type"]]
-            node["inputs"] = {"seed": 0, "vae": "taesd"}
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=64, height=64)
-        if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
-            node["inputs"]["steps"] = min(node["inputs"]["steps"], 4)
-    return out
-
-
 def test_shipped_workflows_are_up_to_date(host):
     built = {name: fn().to_ui(node_defs()) for name, fn in make_workflows.WORKFLOWS.items()}
     assert sorted(built) == [p.stem for p in SHIPPED], "expected one shipped file per description"

@@ -23,7 +23,7 @@ class TinySDXLCheckpoint:
     CATEGORY = "sdxl_optimizer_tests"
 
     def load(self, seed, vae):
-        vae_model = factories.tiny_taesd_vae(seed + 2) if vae == "taesd" else factories.tiny_kl_vae(seed + 3)
+        vae_model = factories.tiny_taesd_vae(seed + 2) if vae == "taesd" else factories.tiny_kl_x8_vae(seed + 3)
         return factories.tiny_unet(seed), factories.tiny_clip(seed + 1), vae_model
 
 

@@ -41,6 +41,7 @@ HOST_SKIP = {"torch", "torchvision", "torchaudio"}
 HOST_EXTRA = ["requests"]  # imported by app/frontend_management.py, missing from the host's requirements.txt
 PORT = int(os.environ.get("SDXLOPT_PORT", "8188"))
 LISTEN = "127.0.0.1"
+NOISE = ("WARNING: Location 'file:",)  # pip's complaint about this machine's absent local index folders
 
 
 class SetupError(RuntimeError):
@@ -53,7 +54,11 @@ def log(msg: str) -> None:
 
 def sh(cmd: list[str], what: str, fix: str, **kw) -> None:
     log("$ " + " ".join(str(c) for c in cmd))
-    proc = subprocess.run(cmd, **kw)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    for line in proc.stdout:
+        if not line.startswith(NOISE):
+            sys.stdout.write(line)
+    proc.wait()
     if proc.returncode != 0:
         raise SetupError(f"{what} failed (exit code {proc.returncode}). Fix: {fix}")
 

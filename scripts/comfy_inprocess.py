@@ -64,14 +64,15 @@ def boot(comfy_dir: Path | None = None, user_dir: Path | None = None, cpu: bool 
     import comfy.model_management as mm
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    name = _find_pack(nodes)
-    if name is None:  # ComfyUI without the pack linked in custom_nodes: load it from here
-        asyncio.run(nodes.load_custom_node(str(PACK)))
+    with _QuietInit() as init_log:  # builtin extras that need absent optional deps (torchaudio) only warn
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
         name = _find_pack(nodes)
+        if name is None:  # ComfyUI without the pack linked in custom_nodes: load it from here
+            asyncio.run(nodes.load_custom_node(str(PACK)))
+            name = _find_pack(nodes)
     if name is None:
-        raise RuntimeError(f"ComfyUI at {comfy_dir} did not load the pack from {PACK}; its log above says why. "
-                           "Fix the import error, or link the pack into custom_nodes/ (scripts/host.py setup).")
+        raise RuntimeError(f"ComfyUI at {comfy_dir} did not load the pack from {PACK}:\n{init_log.about('sdxl_optimizer')}"
+                           "\nFix the import error, or link the pack into custom_nodes/ (scripts/host.py setup).")
     if "SDXLOptPatchReport" not in nodes.NODE_CLASS_MAPPINGS:  # module imported but the entrypoint failed
         try:
             asyncio.run(asyncio.run(sys.modules[name].comfy_entrypoint()).get_node_list())
@@ -83,6 +84,34 @@ def boot(comfy_dir: Path | None = None, user_dir: Path | None = None, cpu: bool 
     _alias_pack(name)
     _HOST = Host(comfy_dir, sys.modules[name], name, str(mm.get_torch_device()))
     return _HOST
+
+
+class _QuietInit(logging.Handler):
+    """Collects the host's warnings during node init instead of printing them; errors still print."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            sys.stderr.write(self.format(record) + "\n")
+        self.records.append(record)
+
+    def about(self, word: str) -> str:
+        return "\n".join(self.format(r) for r in self.records if word in r.getMessage())
+
+    def __enter__(self) -> _QuietInit:
+        root = logging.getLogger()
+        self._saved = (root.handlers[:], root.level)
+        root.handlers[:] = [self]
+        root.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        root = logging.getLogger()
+        root.handlers[:], level = self._saved
+        root.setLevel(level)
 
 
 def _find_pack(nodes) -> str | None:

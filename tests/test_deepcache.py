@@ -1,0 +1,520 @@
+"""DeepCache: the schedule and cache (ops), the shallow forward (exact vs the core forward), parity with the
+DeepCache package on identical weights, and stacking inside the real host with the tiny SDXL model."""
+from __future__ import annotations
+
+import ast
+import logging
+import math
+import re
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sdxl_optimizer.nodes import deepcache as dcn
+from sdxl_optimizer.ops import deepcache as dco
+from tinymodels import bridge, factories
+
+STEPS = 6
+SIZE = 8  # latent side (64 px)
+POS = factories.random_conditioning(101)
+NEG = factories.random_conditioning(202)
+SUMMARY = re.compile(r"DeepCache: (\d+)/(\d+) UNet calls took the shallow path")
+
+
+# ---------------------------------------------------------------- helpers
+
+def core_node(name: str, **inputs):
+    """Run a core ComfyUI node by class name (V1 or V3 style) and return its outputs."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS[name]
+    if hasattr(cls, "FUNCTION"):
+        return getattr(cls(), cls.FUNCTION)(**inputs)
+    return cls.execute(**inputs).result
+
+
+def deepcache(model, **kw):
+    return dcn.apply_deepcache(model, dco.DeepCacheConfig(**kw))
+
+
+def sample(model, steps: int = STEPS, cfg: float = 5.0, size: int | tuple = SIZE, batch: int = 1, seed: int = 0,
+           pos=None, neg=None, noise=None, callback=None) -> torch.Tensor:
+    import comfy.sample
+
+    h, w = (size, size) if isinstance(size, int) else size
+    latent = torch.zeros(batch, 4, h, w)
+    if noise is None:
+        noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos or POS, neg or NEG, latent,
+                               callback=callback, disable_pbar=True, seed=seed)
+
+
+def shallow_counts(caplog) -> list[tuple[int, int]]:
+    return [(int(m[1]), int(m[2])) for r in caplog.records if (m := SUMMARY.search(r.getMessage()))]
+
+
+def snapshot(model) -> tuple:
+    """What a node must not change on its input model."""
+    return (repr(model.model_options), repr(model.wrappers), sorted(model.patches), id(model.model))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return factories.tiny_unet(seed=7)
+
+
+# ---------------------------------------------------------------- ops: schedule, mapping, cache
+
+def reference_quad_center():
+    """DeepCache's own non-uniform schedule function, read from the installed package (its pipeline module
+    does not import with the installed diffusers, so the one function is compiled on its own)."""
+    import DeepCache
+
+    src = Path(DeepCache.__file__).parent / "sdxl" / "pipeline_stable_diffusion_xl.py"
+    tree = ast.parse(src.read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "sample_from_quad_center")
+    ns = {"np": np}
+    exec(compile(ast.Module([fn], []), str(src), "exec"), ns)
+    return ns["sample_from_quad_center"]
+
+
+def test_uniform_schedule_matches_the_deepcache_helper():
+    from DeepCache import DeepCacheSDHelper
+
+    for steps in (1, 5, 7, 50):
+        for interval in (1, 2, 3, 5):
+            helper = DeepCacheSDHelper(pipe=object())
+            helper.set_params(cache_interval=interval, cache_branch_id=0)
+            helper.reset_states()
+            expected = []
+            for i in range(steps):
+                helper.cur_timestep = i
+                expected.append(not helper.is_skip_step(0, 0, "mid"))  # the middle block runs only on full steps
+            got = dco.full_step_mask([True] * steps, dco.DeepCacheConfig(interval=interval))
+            assert got == expected, f"steps {steps} interval {interval}: expected {expected}, got {got}"
+
+
+def test_nonuniform_schedule_matches_the_deepcache_pipeline():
+    import warnings
+
+    ref = reference_quad_center()
+    for steps in (10, 20, 25, 30, 50, 100):
+        for interval in (2, 3, 4, 5):
+            n_full = math.ceil(steps / interval)
+            center = round(0.3 * steps)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the reference casts complex to int on purpose
+                expected = [int(i) for i in ref(steps, n_full, center=center, pow=1.4)[0]]
+            got = dco.nonuniform_full_steps(steps, interval, center=0.3, power=1.4)
+            assert got == expected, f"steps {steps} interval {interval}: expected {expected}, got {got}"
+    # the paper's SDXL example: 50 steps, interval 3, center 15
+    assert dco.nonuniform_full_steps(50, 3)[:6] == [0, 3, 6, 8, 11, 13]
+
+
+def test_window_runs_outside_steps_in_full_and_restarts_the_schedule_inside():
+    cfg = dco.DeepCacheConfig(interval=3)
+    mask = dco.full_step_mask([False, False, True, True, True, True, True, False], cfg)
+    assert mask == [True, True, True, False, False, True, False, True]
+    assert dco.full_step_mask([False] * 4, cfg) == [True] * 4
+    state = dco.DeepCacheState(cfg).prepare([10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 0.0], sigma_start=7.0, sigma_end=1.5)
+    assert state.full_mask == [True, True, True, False, False, True]
+
+
+def test_step_index_maps_sigmas_and_midpoints_to_steps():
+    sig = [14.6, 9.0, 5.0, 2.0, 0.0]
+    assert [dco.step_index(s, sig) for s in sig[:-1]] == [0, 1, 2, 3]
+    assert dco.step_index(7.0, sig) == 1
+    assert dco.step_index(3.0, sig) == 2  # a 2S/SDE midpoint belongs to the step that started above it
+    assert dco.step_index(100.0, sig) == 0 and dco.step_index(0.0, sig) == 3
+    assert dco.step_index(9.0 * (1 - 1e-6), sig) == 1  # float noise around a listed sigma
+
+
+def test_cache_follows_the_batch_per_conditioning_chunk():
+    state = dco.DeepCacheState(dco.DeepCacheConfig())
+    x2 = torch.zeros(2, 4, 8, 8)
+    feats = torch.arange(2.0).reshape(2, 1, 1, 1).expand(2, 3, 2, 2)
+    state.store(["neg", "pos"], x2, feats)
+    only_pos = state.lookup(["pos"], torch.zeros(1, 4, 8, 8))
+    assert only_pos is not None and torch.equal(only_pos, feats[1:]), "expected the positive chunk alone"
+    assert torch.equal(state.lookup(["pos", "neg"], x2), feats.flip(0))
+    assert state.lookup(["other"], torch.zeros(1, 4, 8, 8)) is None, "an unseen cond must run in full"
+    assert state.lookup(["pos"], torch.zeros(1, 4, 16, 8)) is None, "another latent size must run in full"
+    assert state.lookup(["pos"], torch.zeros(2, 4, 8, 8)) is None, "another batch size must run in full"
+    clone = state.clone()
+    assert clone.cache == {} and clone.config == state.config
+    state.count(True)
+    state.reset()
+    assert state.cache == {} and state.calls == 0 and not state.prepared
+
+
+def test_shallow_plan_and_config_errors_say_what_and_how_to_fix():
+    assert dco.shallow_plan(0, 9) == (1, 8)
+    assert dco.shallow_plan(8, 9) == (9, 0)
+    with pytest.raises(ValueError):
+        dco.shallow_plan(9, 9)
+    with pytest.raises(ValueError, match=r"expected 0\.\.8 .*got 9.*Fix"):
+        dco.DeepCacheConfig(branch=9).validate(max_branch=8)
+    with pytest.raises(ValueError, match=r"cache_interval: expected an integer >= 1.*got 0.*Fix"):
+        dco.DeepCacheConfig(interval=0).validate()
+    with pytest.raises(ValueError, match=r"start_percent <= end_percent"):
+        dco.DeepCacheConfig(start_percent=0.8, end_percent=0.2).validate()
+
+
+# ---------------------------------------------------------------- the shallow forward vs the core forward
+
+def patched_for_exactness(model):
+    """The tiny model with every kind of UNet patch the shallow forward must honour."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    (m,) = core_node("FreeU_V2", model=model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)
+    m = m.clone()
+    m.set_model_emb_patch(lambda emb, ch, to: emb * 1.01)
+    m.set_model_input_block_patch(lambda h, to: h * (1.0 + 0.01 * to["block"][1]))
+    m.set_model_input_block_patch_after_skip(lambda h, to: h + 0.001)
+    m.set_model_output_block_patch(lambda h, hsp, to: (h, hsp * 0.99))
+    # depends on transformer_index: a wrong index in the shallow path changes the output
+    m.set_model_attn1_patch(lambda n, c, v, eo: (n * (1.0 + 0.02 * eo["transformer_index"]), c, v))
+    for block in (("input", 4), ("output", 3), ("output", 5)):
+        m.set_model_attn2_replace(lambda q, k, v, eo: optimized_attention(q, k * 1.1, v, eo["n_heads"]), *block)
+    return m
+
+
+def make_control(shapes: list[torch.Size], mid: torch.Size, seed: int) -> dict:
+    """ControlNet/T2I-style residuals: 'output' in input-block order (popped from the end), 'input' reversed."""
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(s, generator=g) * 0.1 if i % 3 else None for i, s in enumerate(shapes)]
+    inp = [torch.randn(s, generator=g) * 0.1 for s in reversed(shapes)]
+    return {"output": out, "input": inp, "middle": [torch.randn(mid, generator=g) * 0.1]}
+
+
+def copy_control(c: dict) -> dict:
+    return {k: [t.clone() if t is not None else None for t in v] for k, v in c.items()}
+
+
+def test_shallow_forward_on_the_cached_inputs_reproduces_the_core_forward_exactly(tiny):
+    m = patched_for_exactness(tiny)
+    unet = m.model.diffusion_model
+    inp = bridge.random_unet_inputs(4, batch=2, size=SIZE)
+    base_to = m.model_options["transformer_options"]
+    shapes = []
+    rec = {"patches": {"input_block_patch": [lambda h, to: shapes.append(h.shape) or h]}}
+    with torch.no_grad():
+        unet(inp["x"], inp["t"], inp["context"], inp["y"], transformer_options=rec)
+    control = make_control(shapes, shapes[-1], seed=5)
+    for branch in range(dcn.num_skips(unet)):
+        n_in, first_out = dco.shallow_plan(branch, dcn.num_skips(unet))
+        capture = dcn.CaptureFeatures(first_out)
+        patches = dict(base_to["patches"])
+        patches["output_block_patch"] = [capture, *patches["output_block_patch"]]
+        with torch.no_grad():
+            full = unet(inp["x"], inp["t"], inp["context"], inp["y"], control=copy_control(control),
+                        transformer_options={**base_to, "patches": patches})
+            shallow = dcn.shallow_unet_forward(unet, capture.features, n_in, first_out,
+                                               dcn.transformer_index_before_output(unet, first_out), inp["x"],
+                                               inp["t"], inp["context"], inp["y"], control=copy_control(control),
+                                               transformer_options=dict(base_to))
+        assert torch.equal(shallow, full), f"branch {branch}: shallow path differs from the core forward " \
+                                           f"by {(shallow - full).abs().max():.3e}"
+
+
+def test_cache_off_equals_the_unpatched_model_exactly(tiny):
+    ref = sample(tiny)
+    for kw in ({"interval": 1}, {"interval": 3, "start_percent": 0.5, "end_percent": 0.5}):
+        out = sample(deepcache(tiny, **kw))
+        assert torch.equal(out, ref), f"{kw}: expected the unpatched result exactly"
+    # with caching on, the result moves (else the tests below would prove nothing)
+    assert not torch.equal(sample(deepcache(tiny, interval=3)), ref)
+
+
+# ---------------------------------------------------------------- parity with the DeepCache package
+
+@pytest.mark.parametrize("interval,branches", [(3, (0, 1, 2, 3, 5, 8)), (2, (0, 4))])
+def test_parity_with_deepcache_helper_on_identical_weights(interval, branches):
+    from DeepCache import DeepCacheSDHelper
+
+    model = factories.tiny_unet(seed=11)
+    cunet = model.model.diffusion_model.eval()
+    dunet = bridge.diffusers_unet_from_comfy(cunet)
+    ms = model.get_model_object("model_sampling")
+    steps = 7
+    ts = torch.linspace(999, 1, steps).round()  # unique: the helper finds the step by the timestep
+    sample_sigmas = torch.cat([ms.sigma(ts), torch.zeros(1)])
+    base = bridge.random_unet_inputs(0, batch=2, size=SIZE)
+    xs = [torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(50 + i)) for i in range(steps)]
+    uuids = [uuid.uuid4(), uuid.uuid4()]  # uncond and cond chunks, as ComfyUI batches CFG
+    for branch in branches:
+        patched = deepcache(model, interval=interval, branch=branch)
+        state = patched.model_options["transformer_options"][dcn.KEY].clone()
+        state.prepare(sample_sigmas.tolist(), 1e9, 0.0)
+        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=dunet, scheduler=SimpleNamespace(timesteps=ts)))
+        helper.set_params(cache_interval=interval, cache_branch_id=branch)
+        helper.enable()
+        try:
+            for i in range(steps):
+                inp = dict(base, x=xs[i], t=ts[i].expand(2))
+                to = {"wrappers": {k: dict(v) for k, v in patched.wrappers.items()}, dcn.KEY: state,
+                      "sigmas": sample_sigmas[i:i + 1], "sample_sigmas": sample_sigmas, "uuids": uuids,
+                      "cond_or_uncond": [1, 0]}
+                with torch.no_grad():
+                    ours = bridge.run_comfy_unet(cunet, inp, to)
+                    ref = dunet(xs[i], ts[i], encoder_hidden_states=base["context"],
+                                added_cond_kwargs={"text_embeds": base["pooled"], "time_ids": base["time_ids"]}).sample
+                    plain = bridge.run_comfy_unet(cunet, inp)
+                err = bridge.rel_err(ours, ref)
+                assert err <= 1e-4, f"interval {interval} branch {branch} step {i}: rel err {err:.2e} > 1e-4"
+                if i % interval:  # a cached step: must really differ from the uncached UNet
+                    assert bridge.rel_err(ours, plain) > 1e-3, f"branch {branch} step {i} was not cached"
+        finally:
+            helper.disable()
+        assert (state.shallow_calls, state.calls) == (steps - math.ceil(steps / interval), steps)
+
+
+# ---------------------------------------------------------------- the cache follows the batch (CFG 2 -> 1)
+
+def test_cache_follows_the_batch_when_the_uncond_leaves_mid_run(tiny):
+    patched = deepcache(tiny, interval=3, branch=2)
+    cunet = tiny.model.diffusion_model
+    ms = tiny.get_model_object("model_sampling")
+    sample_sigmas = torch.tensor([14.0, 9.0, 5.0, 0.0])
+    inp = bridge.random_unet_inputs(8, batch=2, size=SIZE)
+    u_neg, u_pos = uuid.uuid4(), uuid.uuid4()
+
+    def call(state, step, rows, uuids, t_step):
+        sub = {k: v[rows] for k, v in inp.items() if k in ("x", "context", "y")}
+        sub["t"] = ms.timestep(sample_sigmas[t_step]).expand(len(rows))
+        to = {"wrappers": {k: dict(v) for k, v in patched.wrappers.items()}, dcn.KEY: state,
+              "sigmas": sample_sigmas[step:step + 1], "sample_sigmas": sample_sigmas, "uuids": uuids}
+        with torch.no_grad():
+            return bridge.run_comfy_unet(cunet, sub, to)
+
+    template = patched.model_options["transformer_options"][dcn.KEY]
+    a = template.clone().prepare(sample_sigmas.tolist(), 1e9, 0.0)
+    call(a, 0, [0, 1], [u_neg, u_pos], 0)
+    both = call(a, 1, [0, 1], [u_neg, u_pos], 1)  # shallow, batch 2
+    b = template.clone().prepare(sample_sigmas.tolist(), 1e9, 0.0)
+    call(b, 0, [0, 1], [u_neg, u_pos], 0)
+    pos_only = call(b, 1, [1], [u_pos], 1)  # shallow, batch 1: the cached positive chunk follows
+    assert b.shallow_calls == 1, "expected the batch-1 call to take the shallow path"
+    assert bridge.rel_err(pos_only, both[1:]) <= 1e-5, "the batch-1 shallow call must match its batch-2 row"
+    new_cond = call(b, 2, [1], [uuid.uuid4()], 2)  # a chunk never computed in full: runs in full
+    assert b.shallow_calls == 1 and torch.isfinite(new_cond).all()
+
+
+# ---------------------------------------------------------------- node, prompts, isolation, bad input
+
+def test_node_in_a_prompt_leaves_the_original_model_unchanged(run_prompt):
+    def prompt(with_cached: bool) -> dict:
+        p = {
+            "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "taesd"}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "6": {"class_type": "KSampler", "inputs": {
+                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                "seed": 3, "steps": STEPS, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                "denoise": 1.0}},
+        }
+        if with_cached:
+            p["5"] = {"class_type": "SDXLOptDeepCache", "inputs": {
+                "model": ["1", 0], "cache_interval": 3, "cache_branch_id": 0, "start_percent": 0.0,
+                "end_percent": 1.0, "schedule": "uniform", "nonuniform_center": 0.3, "nonuniform_power": 1.4}}
+            p["7"] = dict(p["6"], inputs=dict(p["6"]["inputs"], model=["5", 0]))
+        return p
+
+    both = run_prompt(prompt(True))
+    alone = run_prompt(prompt(False))
+    original = alone.output("6")[0]["samples"]
+    assert torch.equal(both.output("6")[0]["samples"], original), "the original model's output changed"
+    cached = both.output("7")[0]["samples"]
+    assert torch.isfinite(cached).all() and not torch.equal(cached, original)
+
+
+def test_bad_input_fails_at_node_time_and_leaves_the_model_unchanged(tiny, run_prompt):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    before = snapshot(tiny)
+    with pytest.raises(ValueError, match=r"cache_branch_id: expected 0\.\.8 .*got 9.*Fix"):
+        dcn.DeepCache.execute(tiny, cache_interval=3, cache_branch_id=9)
+    with pytest.raises(ValueError, match=r"cache_interval: expected an integer >= 1.*got 0"):
+        dcn.DeepCache.execute(tiny, cache_interval=0, cache_branch_id=0)
+    once = deepcache(tiny)
+    with pytest.raises(ValueError, match=r"already has it.*Fix"):
+        deepcache(once)
+    assert snapshot(tiny) == before
+
+    dit_cfg = comfy.supported_models.SD3({
+        "in_channels": 16, "patch_size": 2, "depth": 2, "pos_embed_max_size": 16, "num_patches": 256,
+        "adm_in_channels": 32,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}}})
+    dit = comfy.model_patcher.ModelPatcher(dit_cfg.get_model({}), load_device=mm.get_torch_device(),
+                                           offload_device=mm.unet_offload_device())
+    dit_before = snapshot(dit)
+    with pytest.raises(ValueError, match=r"expected a UNet model.*got SD3 with a OpenAISignatureMMDITWrapper.*Fix"):
+        dcn.DeepCache.execute(dit, cache_interval=3, cache_branch_id=0)
+    assert snapshot(dit) == dit_before
+
+    bad = {
+        "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "taesd"}},
+        "5": {"class_type": "SDXLOptDeepCache", "inputs": {
+            "model": ["1", 0], "cache_interval": 3, "cache_branch_id": 11, "start_percent": 0.0,
+            "end_percent": 1.0, "schedule": "uniform", "nonuniform_center": 0.3, "nonuniform_power": 1.4}},
+        "9": {"class_type": "SDXLOptPatchReport", "inputs": {"model": ["5", 0]}},
+    }
+    with pytest.raises(AssertionError, match=r"expected 0\.\.8"):
+        run_prompt(bad)
+
+
+def test_per_run_state_is_cloned_logged_and_reset(tiny, caplog):
+    caplog.set_level(logging.INFO)
+    patched = deepcache(tiny, interval=3)
+    sample(patched)
+    sample(patched)
+    assert shallow_counts(caplog) == [(STEPS - 2, STEPS)] * 2, "expected one summary line per run"
+    template = patched.model_options["transformer_options"][dcn.KEY]
+    assert template.calls == 0 and template.cache == {} and not template.prepared, "the template was used"
+
+
+def test_nonuniform_schedule_and_window_in_a_real_run(tiny, caplog):
+    caplog.set_level(logging.INFO)
+    sample(deepcache(tiny, interval=2, schedule="non-uniform"), steps=10)
+    sample(deepcache(tiny, interval=3, start_percent=0.3, end_percent=0.9), steps=10)
+    (nu, win) = shallow_counts(caplog)
+    assert nu == (10 - len(dco.nonuniform_full_steps(10, 2)), 10)
+    assert 0 < win[0] < 10 - math.ceil(10 / 3)
+
+
+# ---------------------------------------------------------------- stacking in the host
+
+def test_batch_of_two_matches_two_single_runs(tiny):
+    import comfy.sample
+
+    patched = deepcache(tiny, interval=3)
+    noise = comfy.sample.prepare_noise(torch.zeros(2, 4, SIZE, SIZE), 9)
+    pair = sample(patched, batch=2, noise=noise)
+    for i in range(2):
+        single = sample(patched, batch=1, noise=noise[i:i + 1])
+        torch.testing.assert_close(pair[i:i + 1], single, rtol=1e-4, atol=1e-5)
+
+
+def test_freeu_stacks_in_either_order(tiny):
+    def freeu(m):
+        return core_node("FreeU_V2", model=m, b1=1.3, b2=1.4, s1=0.9, s2=0.2)[0]
+
+    a = sample(deepcache(freeu(tiny), interval=3, branch=5))
+    b = sample(freeu(deepcache(tiny, interval=3, branch=5)))
+    assert torch.equal(a, b), "DeepCache and FreeU must give the same result in either order"
+    assert not torch.equal(a, sample(deepcache(tiny, interval=3, branch=5))), "FreeU had no effect"
+    try:
+        from sdxl_optimizer.nodes import freeu as pack_freeu  # the pack's own FreeU, once it exists
+    except ImportError:
+        return
+    node = next(n for n in pack_freeu.NODES if "FreeU" in n.__name__)
+    schema = node.GET_SCHEMA()
+    defaults = {i.id: i.default for i in schema.inputs if getattr(i, "default", None) is not None}
+    ours = node.execute(model=deepcache(tiny, interval=3, branch=5), **defaults).result[0]
+    out = sample(ours)
+    assert torch.isfinite(out).all()
+
+
+def tiny_lora(model, seed: int = 3, rank: int = 4) -> dict:
+    """A random LoRA (kohya key names) on every attention projection of the tiny UNet."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, w in model.model.diffusion_model.state_dict().items():
+        if ".attn" in k and k.endswith(("to_q.weight", "to_v.weight")):
+            name = "lora_unet_" + k[:-len(".weight")].replace(".", "_")
+            sd[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.3
+            sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.3
+            sd[f"{name}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def test_lora_stacks_in_either_order(tiny):
+    import comfy.sd
+
+    lora = tiny_lora(tiny)
+    a = sample(deepcache(comfy.sd.load_lora_for_models(tiny, None, lora, 1.0, 0.0)[0], interval=3))
+    b = sample(comfy.sd.load_lora_for_models(deepcache(tiny, interval=3), None, lora, 1.0, 0.0)[0])
+    assert torch.equal(a, b), "LoRA and DeepCache must give the same result in either order"
+    assert not torch.equal(a, sample(deepcache(tiny, interval=3))), "the LoRA had no effect"
+
+
+def test_resolution_change_between_runs(tiny):
+    patched = deepcache(tiny, interval=3)
+    sample(patched, size=SIZE)
+    second = sample(patched, size=(12, 8))
+    fresh = sample(deepcache(tiny, interval=3), size=(12, 8))
+    assert torch.equal(second, fresh), "the second run must not see the first run's cache"
+
+
+def test_interrupted_run_then_a_new_run(tiny, caplog):
+    import comfy.model_management as mm
+
+    caplog.set_level(logging.INFO)
+    patched = deepcache(tiny, interval=3)
+    ref = sample(deepcache(tiny, interval=3))
+
+    def stop(step, x0, x, total):
+        if step == 2:
+            raise mm.InterruptProcessingException()
+
+    with pytest.raises(mm.InterruptProcessingException):
+        sample(patched, callback=stop)
+    template = patched.model_options["transformer_options"][dcn.KEY]
+    assert template.cache == {} and template.calls == 0
+    assert len(shallow_counts(caplog)) == 2, "the interrupted run must still log its summary"
+    assert torch.equal(sample(patched), ref), "the run after an interrupt must equal a fresh run"
+
+
+def tiny_controlnet(seed: int = 21):
+    """A random-weight ControlNet (ComfyUI's own cldm) shaped like the tiny SDXL UNet."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    cfg = dict(factories.TINY_UNET_CONFIG)
+    cfg.pop("out_channels")
+    cfg["hint_channels"] = 3
+    net = comfy.cldm.cldm.ControlNet(**cfg, dtype=torch.float32)
+    factories.seeded_init_(net, seed)
+    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device(), manual_cast_dtype=None)
+
+
+def with_control(conds: list, cnet, strength: float = 1.0) -> list:
+    hint = torch.rand(1, 3, SIZE * 8, SIZE * 8, generator=torch.Generator().manual_seed(4))
+    c = cnet.copy().set_cond_hint(hint, strength, (0.0, 1.0))
+    return [[t, dict(d, control=c, control_apply_to_uncond=True)] for t, d in conds]
+
+
+def test_controlnet_runs_with_deepcache(tiny, caplog):
+    caplog.set_level(logging.INFO)
+    cnet = tiny_controlnet()
+    patched = deepcache(tiny, interval=3, branch=4)
+    out = sample(patched, pos=with_control(POS, cnet), neg=with_control(NEG, cnet))
+    plain = sample(patched)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain), "the control had no effect"
+    assert not [r for r in caplog.records if "control could not be applied" in r.getMessage()], \
+        "control residuals were misaligned with the blocks"
+    assert shallow_counts(caplog)[0] == (STEPS - 2, STEPS)
+
+
+def test_cfg_cutoff_shrinks_the_batch_and_the_cache_follows(tiny, caplog):
+    try:
+        from sdxl_optimizer.nodes import cfg_cutoff
+    except ImportError:
+        pytest.skip("nodes/cfg_cutoff.py is not in this tree")
+    caplog.set_level(logging.INFO)
+    steps = 8
+    both = cfg_cutoff.apply_cfg_cutoff(deepcache(tiny, interval=3), 0.5)
+    out = sample(both, steps=steps)
+    assert torch.isfinite(out).all()
+    # calls after the cutoff carry the positive chunk only, and still take the shallow path
+    assert shallow_counts(caplog) == [(steps - math.ceil(steps / 3), steps)]
+    other_order = deepcache(cfg_cutoff.apply_cfg_cutoff(tiny, 0.5), interval=3)
+    assert torch.equal(sample(other_order, steps=steps), out)

@@ -2,7 +2,7 @@
 
 UNet: ComfyUI's own `comfy.supported_models.SDXL` with a small unet_config (3 levels, transformers in the
 lower two, linear projections, ADM conditioning), wrapped in a real ModelPatcher. CLIP: ComfyUI's SDXL
-CLIP (clip_l + clip_g) with 3 tiny layers each. VAE: a TAESD-shaped VAE or a tiny AutoencoderKL, both
+CLIP (clip_l + clip_g) with 3 tiny layers each. VAE: a TAESD-shaped VAE or a tiny x8 AutoencoderKL, both
 through `comfy.sd.VAE`. comfy.ops layers skip weight init, so every parameter is set here from a seed.
 """
 from __future__ import annotations
@@ -110,32 +110,6 @@ def tiny_taesd_vae(seed: int = 2):
     return comfy.sd.VAE(sd=tiny_taesd_state_dict(seed))
 
 
-TINY_KL_CONFIG = {
-    "block_out_channels": [32, 32, 64],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 16,
-}
-
-
-def tiny_kl_state_dict(seed: int = 3) -> dict[str, torch.Tensor]:
-    """A tiny diffusers-format AutoencoderKL (SDXL VAE structure, small widths), weights from `seed`."""
-    from diffusers import AutoencoderKL
-
-    n = len(TINY_KL_CONFIG["block_out_channels"])
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
-                        up_block_types=["UpDecoderBlock2D"] * n, **TINY_KL_CONFIG)
-    return seeded_init_(vae, seed).state_dict()
-
-
-def tiny_kl_vae(seed: int = 3):
-    """A tiny full VAE (AutoencoderKL) through ComfyUI's own converter."""
-    import comfy.sd
-
-    return comfy.sd.VAE(sd=tiny_kl_state_dict(seed))
-
-
 def conditioning(clip, text: str, width: int = 64, height: int = 64) -> list:
     """CLIPTextEncode's output for `text`, with SDXL's size conditioning."""
     tokens = clip.tokenize(text)
@@ -150,3 +124,36 @@ def random_conditioning(seed: int, context_dim: int = 64, pooled: int = POOLED, 
     cond = torch.randn(1, tokens, context_dim, generator=gen)
     pooled_t = torch.randn(1, pooled, generator=gen)
     return [[cond, {"pooled_output": pooled_t, "width": width, "height": height}]]
+
+
+# comfy.sd.VAE only auto-detects SD-sized AutoencoderKLs (ch 128, ch_mult [1, 2, 4, 4]) and fails on smaller
+# widths with size mismatches. This one has SDXL's VAE layout (4 levels: x8, 32 GroupNorm groups as ComfyUI
+# hard-codes) at small widths, and hands comfy.sd.VAE the matching config.
+TINY_KL_X8_CONFIG = {
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+
+
+def tiny_kl_x8_state_dict(seed: int = 3) -> dict[str, torch.Tensor]:
+    """Diffusers-format AutoencoderKL weights of TINY_KL_X8_CONFIG (x8 like SDXL's VAE), from `seed`."""
+    from diffusers import AutoencoderKL
+
+    n = len(TINY_KL_X8_CONFIG["block_out_channels"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                        up_block_types=["UpDecoderBlock2D"] * n, **TINY_KL_X8_CONFIG)
+    return seeded_init_(vae, seed).state_dict()
+
+
+def tiny_kl_x8_vae(seed: int = 3):
+    """A tiny x8 AutoencoderKL as a ComfyUI VAE (comfy.sd.VAE with an explicit config: ComfyUI's own classes)."""
+    import comfy.sd
+
+    chans = TINY_KL_X8_CONFIG["block_out_channels"]
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": chans[0],
+                "ch_mult": [c // chans[0] for c in chans], "num_res_blocks": TINY_KL_X8_CONFIG["layers_per_block"],
+                "attn_resolutions": [], "dropout": 0.0}
+    return comfy.sd.VAE(sd=tiny_kl_x8_state_dict(seed), config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})

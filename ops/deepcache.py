@@ -135,7 +135,7 @@ def step_index(sigma: float, sample_sigmas: Sequence[float], rtol: float = 1e-4)
 
 @dataclass
 class _Entry:
-    features: torch.Tensor  # deep features entering the first shallow output block, one conditioning chunk
+    features: torch.Tensor  # deep features entering the first shallow output block
     latent_shape: tuple[int, ...]  # x.shape[1:] of the call that made it
 
 
@@ -160,7 +160,8 @@ class DeepCacheState:
         """Drop the cache, the schedule and the counters (frees the cached tensors)."""
         self.sample_sigmas: list[float] = []
         self.full_mask: list[bool] = []
-        self.cache: dict[Hashable, _Entry] = {}
+        self.cache: dict[Hashable, _Entry] = {}  # per conditioning chunk
+        self.batches: dict[tuple, _Entry] = {}  # per batch layout of the full calls (the common fast path)
         self.calls = 0
         self.shallow_calls = 0
         self.fallback: str | None = None  # why the schedule differs from the one asked for, if it does
@@ -197,8 +198,11 @@ class DeepCacheState:
         of the right batch size and latent shape (then the call must run in full)."""
         if not keys or latent.shape[0] % len(keys):
             return None
-        per_key = latent.shape[0] // len(keys)
         shape = tuple(latent.shape[1:])
+        whole = self.batches.get(tuple(keys))
+        if whole is not None and whole.latent_shape == shape and whole.features.shape[0] == latent.shape[0]:
+            return whole.features if whole.features.device == latent.device else None  # same batch as stored
+        per_key = latent.shape[0] // len(keys)
         parts = []
         for k in keys:
             e = self.cache.get(k)
@@ -210,13 +214,17 @@ class DeepCacheState:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def store(self, keys: Sequence[Hashable], latent: torch.Tensor, features: torch.Tensor) -> None:
-        """Keep `features` (a full call's deep features, batch laid out like `latent`) per chunk."""
+        """Keep `features` (a full call's deep features, batch laid out like `latent`) per chunk, and whole for
+        calls batched the same way (no copy)."""
         if not keys or features.shape[0] != latent.shape[0] or latent.shape[0] % len(keys):
             return
         per_key = latent.shape[0] // len(keys)
         shape = tuple(latent.shape[1:])
         for i, k in enumerate(keys):
             self.cache[k] = _Entry(features[i * per_key:(i + 1) * per_key], shape)
+        fresh = set(keys)
+        self.batches = {t: e for t, e in self.batches.items() if fresh.isdisjoint(t)}
+        self.batches[tuple(keys)] = _Entry(features, shape)
 
     def count(self, shallow: bool) -> None:
         self.calls += 1

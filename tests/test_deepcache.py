@@ -18,7 +18,7 @@ from sdxl_optimizer.nodes import deepcache as dcn
 from sdxl_optimizer.ops import deepcache as dco
 from tinymodels import bridge, factories
 
-STEPS = 6
+STEPS = 5  # interval 3: full steps 0 and 3, shallow 1, 2 and 4
 SIZE = 8  # latent side (64 px)
 POS = factories.random_conditioning(101)
 NEG = factories.random_conditioning(202)
@@ -60,6 +60,15 @@ def shallow_counts(caplog) -> list[tuple[int, int]]:
 def snapshot(model) -> tuple:
     """What a node must not change on its input model."""
     return (repr(model.model_options), repr(model.wrappers), sorted(model.patches), id(model.model))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors on a shared 2-core machine: one torch thread is several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +150,17 @@ def test_cache_follows_the_batch_per_conditioning_chunk():
     only_pos = state.lookup(["pos"], torch.zeros(1, 4, 8, 8))
     assert only_pos is not None and torch.equal(only_pos, feats[1:]), "expected the positive chunk alone"
     assert torch.equal(state.lookup(["pos", "neg"], x2), feats.flip(0))
+    assert state.lookup(["neg", "pos"], x2) is feats, "the same batch layout must come back without a copy"
+    state.store(["pos"], torch.zeros(1, 4, 8, 8), feats[:1] + 5)  # a newer full call of one chunk
+    assert torch.equal(state.lookup(["neg", "pos"], x2), torch.cat([feats[:1], feats[:1] + 5]))
     assert state.lookup(["other"], torch.zeros(1, 4, 8, 8)) is None, "an unseen cond must run in full"
     assert state.lookup(["pos"], torch.zeros(1, 4, 16, 8)) is None, "another latent size must run in full"
     assert state.lookup(["pos"], torch.zeros(2, 4, 8, 8)) is None, "another batch size must run in full"
     clone = state.clone()
-    assert clone.cache == {} and clone.config == state.config
+    assert clone.cache == {} and clone.batches == {} and clone.config == state.config
     state.count(True)
     state.reset()
-    assert state.cache == {} and state.calls == 0 and not state.prepared
+    assert state.cache == {} and state.batches == {} and state.calls == 0 and not state.prepared
 
 
 def test_shallow_plan_and_config_errors_say_what_and_how_to_fix():
@@ -232,7 +244,7 @@ def test_cache_off_equals_the_unpatched_model_exactly(tiny):
 
 # ---------------------------------------------------------------- parity with the DeepCache package
 
-@pytest.mark.parametrize("interval,branches", [(3, (0, 1, 2, 3, 5, 8)), (2, (0, 4))])
+@pytest.mark.parametrize("interval,branches", [(3, (0, 1, 3, 8)), (2, (5,))])
 def test_parity_with_deepcache_helper_on_identical_weights(interval, branches):
     from DeepCache import DeepCacheSDHelper
 
@@ -240,7 +252,7 @@ def test_parity_with_deepcache_helper_on_identical_weights(interval, branches):
     cunet = model.model.diffusion_model.eval()
     dunet = bridge.diffusers_unet_from_comfy(cunet)
     ms = model.get_model_object("model_sampling")
-    steps = 7
+    steps = 5
     ts = torch.linspace(999, 1, steps).round()  # unique: the helper finds the step by the timestep
     sample_sigmas = torch.cat([ms.sigma(ts), torch.zeros(1)])
     base = bridge.random_unet_inputs(0, batch=2, size=SIZE)
@@ -263,10 +275,11 @@ def test_parity_with_deepcache_helper_on_identical_weights(interval, branches):
                     ours = bridge.run_comfy_unet(cunet, inp, to)
                     ref = dunet(xs[i], ts[i], encoder_hidden_states=base["context"],
                                 added_cond_kwargs={"text_embeds": base["pooled"], "time_ids": base["time_ids"]}).sample
-                    plain = bridge.run_comfy_unet(cunet, inp)
                 err = bridge.rel_err(ours, ref)
                 assert err <= 1e-4, f"interval {interval} branch {branch} step {i}: rel err {err:.2e} > 1e-4"
-                if i % interval:  # a cached step: must really differ from the uncached UNet
+                if i == 1:  # a cached step: must really differ from the uncached UNet
+                    with torch.no_grad():
+                        plain = bridge.run_comfy_unet(cunet, inp)
                     assert bridge.rel_err(ours, plain) > 1e-3, f"branch {branch} step {i} was not cached"
         finally:
             helper.disable()
@@ -317,12 +330,14 @@ def test_node_in_a_prompt_leaves_the_original_model_unchanged(run_prompt):
                 "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
                 "seed": 3, "steps": STEPS, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
                 "denoise": 1.0}},
+            "8": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "dc"}},
         }
         if with_cached:
             p["5"] = {"class_type": "SDXLOptDeepCache", "inputs": {
                 "model": ["1", 0], "cache_interval": 3, "cache_branch_id": 0, "start_percent": 0.0,
                 "end_percent": 1.0, "schedule": "uniform", "nonuniform_center": 0.3, "nonuniform_power": 1.4}}
             p["7"] = dict(p["6"], inputs=dict(p["6"]["inputs"], model=["5", 0]))
+            p["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "dc"}}
         return p
 
     both = run_prompt(prompt(True))
@@ -399,7 +414,7 @@ def test_batch_of_two_matches_two_single_runs(tiny):
     pair = sample(patched, batch=2, noise=noise)
     for i in range(2):
         single = sample(patched, batch=1, noise=noise[i:i + 1])
-        torch.testing.assert_close(pair[i:i + 1], single, rtol=1e-4, atol=1e-5)
+        assert bridge.rel_err(pair[i:i + 1], single) <= 1e-5, f"image {i} of the batch differs from its own run"
 
 
 def test_freeu_stacks_in_either_order(tiny):
@@ -501,7 +516,9 @@ def test_controlnet_runs_with_deepcache(tiny, caplog):
     assert torch.isfinite(out).all() and not torch.equal(out, plain), "the control had no effect"
     assert not [r for r in caplog.records if "control could not be applied" in r.getMessage()], \
         "control residuals were misaligned with the blocks"
-    assert shallow_counts(caplog)[0] == (STEPS - 2, STEPS)
+    # separate control objects on the two conds keep cond and uncond in separate UNet calls: each finds its
+    # own chunk in the cache
+    assert shallow_counts(caplog)[0] == (2 * (STEPS - 2), 2 * STEPS)
 
 
 def test_cfg_cutoff_shrinks_the_batch_and_the_cache_follows(tiny, caplog):

@@ -314,24 +314,38 @@ def deepcache_node():
 
 
 @pytest.mark.skipif(deepcache_node() is None, reason="nodes/deepcache.py is not in the tree yet")
-@pytest.mark.parametrize("order", ["cutoff_then_deepcache", "deepcache_then_cutoff"])
-def test_stacks_with_deepcache_in_either_order(base, order):
+def test_stacks_with_deepcache_in_either_order(base):
+    """6 steps, DeepCache interval 3 (full UNet at steps 0 and 3, cached at 1, 2, 4, 5), cutoff 0.5 (step 3 is
+    the last guided): step 4 is cached from a batch-2 full step but runs at batch 1, so DeepCache must hand
+    the positive prompt its own cached features. Reference: DeepCache with full CFG batches whose guided
+    result is replaced by the positive prediction after the cutoff (uncond computed but unused)."""
     node = deepcache_node()
-    schema = node.GET_SCHEMA()
-    kwargs = {i.id: i.default for i in schema.inputs if i.id != "model"}
 
-    def deep(m):
-        return node.execute(m, **kwargs).args[0]
+    def deep(m, interval=3):
+        return node.execute(m, cache_interval=interval, cache_branch_id=0).args[0]
 
-    batches: list = []
-    if order == "cutoff_then_deepcache":
-        m = deep(apply_cfg_cutoff(base, 0.5))
-    else:
-        m = apply_cfg_cutoff(deep(base), 0.5)
-    out = ksample(record_batches(m, batches), steps=4)
-    assert torch.isfinite(out).all()
-    sizes = [b for b, _ in batches]
-    assert sizes and sizes[-1] == 1 and 2 in sizes, f"expected the batch to shrink from 2 to 1, got {sizes}"
+    steps, fraction = 6, 0.5
+    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", steps)
+    cut = float(sigmas[int(steps * fraction) + 1])
+
+    def cond_after_cut(args):
+        return args["cond_denoised"] if float(args["sigma"].reshape(-1)[0]) <= cut * (1 + 1e-5) else args["denoised"]
+
+    ref_model = base.clone()
+    ref_model.set_model_sampler_post_cfg_function(cond_after_cut)
+    ref = ksample(deep(ref_model), steps=steps)
+    outs = {}
+    for order in ("cutoff_then_deepcache", "deepcache_then_cutoff"):
+        batches: list = []
+        m = deep(apply_cfg_cutoff(base, fraction)) if order == "cutoff_then_deepcache" else \
+            apply_cfg_cutoff(deep(base), fraction)
+        outs[order] = ksample(record_batches(m, batches), steps=steps)
+        assert [b for b, _ in batches] == [2] * 4 + [1] * 2, f"{order}: {batches}"
+        err = bridge.rel_err(outs[order], ref)
+        assert err <= 1e-5, f"{order}: expected DeepCache + cutoff to equal the reference, rel err {err:.2e}"
+    assert torch.equal(outs["cutoff_then_deepcache"], outs["deepcache_then_cutoff"])
+    assert bridge.rel_err(ref, ksample(apply_cfg_cutoff(base, fraction), steps=steps)) > 1e-4, \
+        "test is vacuous: DeepCache changed nothing"
 
 
 # ---------------------------------------------------------------- bad input, isolation

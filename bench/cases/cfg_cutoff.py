@@ -33,6 +33,11 @@ def compact(sizes: list[int]) -> str:
     return ",".join(f"{b}x{len(list(g))}" for b, g in itertools.groupby(sizes))
 
 
+def sig(value: float, digits: int = 4) -> float:
+    """Rounded to `digits` significant digits (tiny-model FLOPs in --small mode would round to 0 otherwise)."""
+    return float(f"{value:.{digits}g}")
+
+
 def flops_per_sample(ctx: BenchContext, model) -> float | None:
     """FLOPs of one batch-1 model call (a 1-step cfg-1 sampling run under FlopCounterMode)."""
     try:
@@ -80,6 +85,6 @@ def run(ctx: BenchContext) -> None:
             if batch > 1:
                 extra["s_per_image_in_batch"] = round(m.seconds / batch, 4)
             if per_sample:
-                extra["tflop_per_image"] = round(forwards * per_sample / 1e12, 2)
-                extra["tflop_saved_per_image"] = round((full_forwards - forwards) * per_sample / 1e12, 2)
+                extra["tflop_per_image"] = sig(forwards * per_sample / 1e12)
+                extra["tflop_saved_per_image"] = sig((full_forwards - forwards) * per_sample / 1e12)
             ctx.add_row("cfg_cutoff", f"{name}, batch {batch}, cfg {ctx.cfg}", m, **extra)

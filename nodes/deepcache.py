@@ -143,17 +143,17 @@ def shallow_unet_forward(unet, cached: torch.Tensor, n_input: int, first_output:
 
 # --- the wrappers
 
-class CaptureFeatures:
-    """Output-block patch of a full call: copies the features entering output block `block_id`, unchanged."""
+CAPTURE_KEY = "deepcache_capture"  # a full call's transformer_options: [output block id, captured features]
 
-    def __init__(self, block_id: int) -> None:
-        self.block_id = block_id
-        self.features: torch.Tensor | None = None
 
-    def __call__(self, h, hsp, transformer_options):
-        if transformer_options.get("block") == ("output", self.block_id):
-            self.features = h.clone()  # later patches (FreeU) may edit h in place
-        return h, hsp
+def capture_deep_features(h, hsp, transformer_options):
+    """Output-block patch of a full call: copies the features entering the block named in
+    transformer_options[CAPTURE_KEY], unchanged. A module-level function, so its identity is the same at
+    every call (stable for torch.compile guards); the sink is per call."""
+    sink = transformer_options.get(CAPTURE_KEY)
+    if sink is not None and transformer_options.get("block") == ("output", sink[0]):
+        sink[1] = h.clone()  # later patches (FreeU) may edit h in place
+    return h, hsp
 
 
 def bind_unet_args(args: tuple, kwargs: dict) -> tuple[dict, dict] | None:
@@ -211,13 +211,13 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             return shallow_unet_forward(unet, cached.to(x.dtype), n_input, first_output,
                                         transformer_index_before_output(unet, first_output), **call, **extra)
 
-    capture = CaptureFeatures(first_output)
+    sink = [first_output, None]
     patches = dict(topts.get("patches", {}))
-    patches["output_block_patch"] = [capture, *patches.get("output_block_patch", [])]
-    call["transformer_options"] = {**topts, "patches": patches}
+    patches["output_block_patch"] = [capture_deep_features, *patches.get("output_block_patch", [])]
+    call["transformer_options"] = {**topts, "patches": patches, CAPTURE_KEY: sink}
     out = executor(*(call.get(n) for n in ARG_NAMES), **extra)
-    if capture.features is not None:
-        state.store(keys, x, capture.features)
+    if sink[1] is not None:
+        state.store(keys, x, sink[1])
     state.count(shallow=False)
     return out
 

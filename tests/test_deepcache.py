@@ -219,13 +219,13 @@ def test_shallow_forward_on_the_cached_inputs_reproduces_the_core_forward_exactl
     control = make_control(shapes, shapes[-1], seed=5)
     for branch in range(dcn.num_skips(unet)):
         n_in, first_out = dco.shallow_plan(branch, dcn.num_skips(unet))
-        capture = dcn.CaptureFeatures(first_out)
+        sink = [first_out, None]
         patches = dict(base_to["patches"])
-        patches["output_block_patch"] = [capture, *patches["output_block_patch"]]
+        patches["output_block_patch"] = [dcn.capture_deep_features, *patches["output_block_patch"]]
         with torch.no_grad():
             full = unet(inp["x"], inp["t"], inp["context"], inp["y"], control=copy_control(control),
-                        transformer_options={**base_to, "patches": patches})
-            shallow = dcn.shallow_unet_forward(unet, capture.features, n_in, first_out,
+                        transformer_options={**base_to, "patches": patches, dcn.CAPTURE_KEY: sink})
+            shallow = dcn.shallow_unet_forward(unet, sink[1], n_in, first_out,
                                                dcn.transformer_index_before_output(unet, first_out), inp["x"],
                                                inp["t"], inp["context"], inp["y"], control=copy_control(control),
                                                transformer_options=dict(base_to))
@@ -418,23 +418,25 @@ def test_batch_of_two_matches_two_single_runs(tiny):
 
 
 def test_freeu_stacks_in_either_order(tiny):
-    def freeu(m):
+    def core_freeu(m):
         return core_node("FreeU_V2", model=m, b1=1.3, b2=1.4, s1=0.9, s2=0.2)[0]
 
-    a = sample(deepcache(freeu(tiny), interval=3, branch=5))
-    b = sample(freeu(deepcache(tiny, interval=3, branch=5)))
-    assert torch.equal(a, b), "DeepCache and FreeU must give the same result in either order"
-    assert not torch.equal(a, sample(deepcache(tiny, interval=3, branch=5))), "FreeU had no effect"
+    def pack_freeu(m):
+        from sdxl_optimizer.nodes import freeu
+
+        return freeu.FreeU.execute(model=m).result[0]
+
+    alone = sample(deepcache(tiny, interval=3, branch=5))
     try:
-        from sdxl_optimizer.nodes import freeu as pack_freeu  # the pack's own FreeU, once it exists
+        from sdxl_optimizer.nodes import freeu  # noqa: F401  (the pack's FreeU, when this tree has it)
+        freeus = {"core FreeU_V2": core_freeu, "SDXLOpt FreeU": pack_freeu}
     except ImportError:
-        return
-    node = next(n for n in pack_freeu.NODES if "FreeU" in n.__name__)
-    schema = node.GET_SCHEMA()
-    defaults = {i.id: i.default for i in schema.inputs if getattr(i, "default", None) is not None}
-    ours = node.execute(model=deepcache(tiny, interval=3, branch=5), **defaults).result[0]
-    out = sample(ours)
-    assert torch.isfinite(out).all()
+        freeus = {"core FreeU_V2": core_freeu}
+    for name, freeu_fn in freeus.items():
+        a = sample(deepcache(freeu_fn(tiny), interval=3, branch=5))
+        b = sample(freeu_fn(deepcache(tiny, interval=3, branch=5)))
+        assert torch.equal(a, b), f"{name}: DeepCache and FreeU must give the same result in either order"
+        assert not torch.equal(a, alone), f"{name} had no effect"
 
 
 def tiny_lora(model, seed: int = 3, rank: int = 4) -> dict:
@@ -535,3 +537,27 @@ def test_cfg_cutoff_shrinks_the_batch_and_the_cache_follows(tiny, caplog):
     assert shallow_counts(caplog) == [(steps - math.ceil(steps / 3), steps)]
     other_order = deepcache(cfg_cutoff.apply_cfg_cutoff(tiny, 0.5), interval=3)
     assert torch.equal(sample(other_order, steps=steps), out)
+
+
+def test_fp8_weights_with_deepcache(caplog):
+    try:
+        from sdxl_optimizer.nodes import fp8 as nfp8
+    except ImportError:
+        pytest.skip("nodes/fp8.py is not in this tree")
+    caplog.set_level(logging.INFO)
+    m = factories.tiny_unet(7, model_options={"custom_operations": nfp8.fp8_operations(torch.float8_e4m3fn)})
+    assert nfp8.is_fp8_model(m)
+    out = sample(deepcache(m, interval=3))
+    assert torch.isfinite(out).all() and shallow_counts(caplog) == [(STEPS - 2, STEPS)]
+    # the shallow path runs the fp8 layers exactly as the full forward does
+    unet = m.model.diffusion_model
+    inp = bridge.random_unet_inputs(4, batch=2, size=SIZE)
+    n_in, first_out = dco.shallow_plan(3, dcn.num_skips(unet))
+    sink = [first_out, None]
+    to = {"patches": {"output_block_patch": [dcn.capture_deep_features]}, dcn.CAPTURE_KEY: sink}
+    with torch.no_grad():
+        full = unet(inp["x"], inp["t"], inp["context"], inp["y"], transformer_options=to)
+        shallow = dcn.shallow_unet_forward(unet, sink[1], n_in, first_out,
+                                           dcn.transformer_index_before_output(unet, first_out), inp["x"],
+                                           inp["t"], inp["context"], inp["y"], transformer_options={})
+    assert torch.equal(shallow, full)

@@ -1,0 +1,85 @@
+"""DeepCache: the same fp16 SDXL run uncached and with SDXLOpt DeepCache (1024x1024, Euler, 50 steps, cfg 5).
+
+Rows: the uncached run (measured here, same seed, the reference for speed and fidelity), then DeepCache at
+interval 3 / branch 0 (the issue's target: <= 1.2 s/image and >= 2.8x on an H100/H200, <= 0.3 GiB extra
+peak VRAM), interval 2 / branch 0, interval 3 / branch 0 with the non-uniform schedule, and interval 3 /
+branch 3 (a deeper re-join). Each row: s/image, speedup over the uncached run, peak VRAM and the extra over
+it, the UNet calls that took the shallow path, and the fidelity of the final latent against the uncached
+run's: max |error| and PSNR (peak = max |reference latent|). The weights are random: fidelity says how far
+the sampling trajectory drifts, not how a picture would look.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import torch
+
+from ..common import BenchContext
+
+log = logging.getLogger(__name__)
+
+VARIANTS = [  # (row name, DeepCacheConfig kwargs)
+    ("interval 3, branch 0", {"interval": 3, "branch": 0}),
+    ("interval 2, branch 0", {"interval": 2, "branch": 0}),
+    ("interval 3, branch 0, non-uniform", {"interval": 3, "branch": 0, "schedule": "non-uniform"}),
+    ("interval 3, branch 3", {"interval": 3, "branch": 3}),
+]
+SUMMARY = re.compile(r"DeepCache: (\d+)/(\d+) UNet calls took the shallow path")
+
+
+class _LastSummary(logging.Handler):
+    """Keeps the last DeepCache summary line (shallow calls / all calls of the run)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = SUMMARY.search(record.getMessage())
+        if m:
+            self.last = f"{m[1]}/{m[2]}"
+
+
+def fidelity(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """max |out - ref| and PSNR in dB with peak = max |ref| (final latents, fp32)."""
+    out, ref = out.float().cpu(), ref.float().cpu()
+    err = (out - ref).abs()
+    mse = float((err ** 2).mean())
+    peak = float(ref.abs().max())
+    psnr = math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+    return {"max_abs_err": round(float(err.max()), 4), "psnr_db": round(psnr, 2) if math.isfinite(psnr) else "inf"}
+
+
+def run(ctx: BenchContext) -> None:
+    from sdxl_optimizer.nodes import deepcache as dcn
+    from sdxl_optimizer.ops.deepcache import DeepCacheConfig
+
+    base = ctx.base_model()
+    dtype = str(ctx.dtype).replace("torch.", "")
+    ref = ctx.measure(lambda: ctx.sample(base))
+    ctx.add_row("deepcache", f"uncached comfyui {dtype}, cfg {ctx.cfg}", ref, speedup=1.0, extra_vram_gib=0.0,
+                shallow_calls=f"0/{ctx.steps}", notes="reference run (same seed) for speed and fidelity")
+    summary = _LastSummary()
+    level = dcn.log.level
+    dcn.log.setLevel(logging.INFO)  # the summary line is INFO; the host's root logger may sit at WARNING
+    dcn.log.addHandler(summary)
+    try:
+        for name, kw in VARIANTS:
+            try:
+                model = dcn.apply_deepcache(base, DeepCacheConfig(**kw))
+                m = ctx.measure(lambda model=model: ctx.sample(model))
+            except Exception as e:  # one failing setting must not lose the others' figures
+                log.exception("deepcache bench: %s failed", name)
+                ctx.add_row("deepcache", f"DeepCache {name}", notes=f"FAILED {type(e).__name__}: {e}"[:300])
+                continue
+            ctx.add_row("deepcache", f"DeepCache {name}, cfg {ctx.cfg}", m,
+                        speedup=round(ref.seconds / m.seconds, 3),
+                        extra_vram_gib=round(m.peak_gib - ref.peak_gib, 3),
+                        shallow_calls=summary.last,
+                        **fidelity(m.result, ref.result),
+                        notes="fidelity vs the uncached run, random weights")
+    finally:
+        dcn.log.removeHandler(summary)
+        dcn.log.setLevel(level)

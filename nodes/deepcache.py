@@ -202,8 +202,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if unknown and "unknown_patches" not in state.warned:
         state.warned.add("unknown_patches")
         log.warning("SDXLOpt DeepCache: the model carries UNet patches %s that the shallow path does not know; "
-                    "those calls run in full (no speed-up). Fix: remove the node that adds them, or place "
-                    "DeepCache where they are not used.", unknown)
+                    "those calls run in full (no speed-up). Fix: remove the node that adds them, or remove "
+                    "DeepCache (it cannot run part of the UNet around a patch it does not know).", unknown)
     if not unknown and not state.is_full_step(float(sigmas.reshape(-1)[0])):
         cached = state.lookup(keys, x)
         if cached is not None:
@@ -262,6 +262,8 @@ def apply_deepcache(model, config: DeepCacheConfig):
         raise ValueError("SDXLOpt DeepCache: expected a model without DeepCache, got one that already has it. "
                          "Fix: remove one of the two DeepCache nodes (they would nest).")
     m = model.clone()
+    if config.interval == 1 or config.start_percent == config.end_percent:  # switched off: attach nothing
+        return m
     m.model_options.setdefault("transformer_options", {})[KEY] = DeepCacheState(config)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)

@@ -236,8 +236,13 @@ def test_shallow_forward_on_the_cached_inputs_reproduces_the_core_forward_exactl
 def test_cache_off_equals_the_unpatched_model_exactly(tiny):
     ref = sample(tiny)
     for kw in ({"interval": 1}, {"interval": 3, "start_percent": 0.5, "end_percent": 0.5}):
-        out = sample(deepcache(tiny, **kw))
-        assert torch.equal(out, ref), f"{kw}: expected the unpatched result exactly"
+        off = deepcache(tiny, **kw)
+        assert dcn.KEY not in off.model_options["transformer_options"], f"{kw}: switched off attaches nothing"
+        assert torch.equal(sample(off), ref), f"{kw}: expected the unpatched result exactly"
+    # a window holding at most the last step (the first step of a window is full): wrappers attached, every
+    # call full through them (capture patch included)
+    late = deepcache(tiny, interval=3, start_percent=0.999, end_percent=1.0)
+    assert torch.equal(sample(late), ref), "full calls through the wrapper must equal the unpatched model"
     # with caching on, the result moves (else the tests below would prove nothing)
     assert not torch.equal(sample(deepcache(tiny, interval=3)), ref)
 
@@ -275,6 +280,9 @@ def test_parity_with_deepcache_helper_on_identical_weights(interval, branches):
                     ours = bridge.run_comfy_unet(cunet, inp, to)
                     ref = dunet(xs[i], ts[i], encoder_hidden_states=base["context"],
                                 added_cond_kwargs={"text_embeds": base["pooled"], "time_ids": base["time_ids"]}).sample
+                if i == 0:  # a full call through the wrapper is the core forward, bit for bit
+                    with torch.no_grad():
+                        assert torch.equal(ours, bridge.run_comfy_unet(cunet, inp))
                 err = bridge.rel_err(ours, ref)
                 assert err <= 1e-4, f"interval {interval} branch {branch} step {i}: rel err {err:.2e} > 1e-4"
                 if i == 1:  # a cached step: must really differ from the uncached UNet

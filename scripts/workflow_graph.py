@@ -95,12 +95,18 @@ class Workflow:
         return n
 
     # --- API format -----------------------------------------------------------------------------------------
-    def to_api(self) -> dict:
+    def to_api(self, defs: dict[str, NodeDef] | None = None) -> dict:
+        """API prompt; with `defs`, widget inputs left out take their defaults (as the frontend sends them)."""
         out = {}
         for n in self.nodes:
             if n.type in NOTE_TYPES:
                 continue
-            inputs = {k: ([str(v.node.id), v.slot] if isinstance(v, Ref) else v) for k, v in n.values.items()}
+            values = dict(n.values)
+            if defs is not None:
+                for inp in defs[n.type].inputs:
+                    if inp.is_widget and inp.name not in values:
+                        values[inp.name] = inp.options.get("default")
+            inputs = {k: ([str(v.node.id), v.slot] if isinstance(v, Ref) else v) for k, v in values.items()}
             out[str(n.id)] = {"class_type": n.type, "inputs": inputs}
             if n.title:
                 out[str(n.id)]["_meta"] = {"title": n.title}

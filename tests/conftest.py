@@ -45,6 +45,19 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def model_dirs(host, tmp_path_factory):
+    """ComfyUI model folders holding test files the shipped workflows name (random TAESD-XL pair)."""
+    import folder_paths
+
+    from tinymodels import factories
+
+    root = tmp_path_factory.mktemp("models")
+    factories.write_taesd_pair(root / "vae_approx", "taesdxl")
+    folder_paths.add_model_folder_path("vae_approx", str(root / "vae_approx"))
+    return root
+
+
 @pytest.fixture
-def run_prompt(host):
+def run_prompt(host, model_dirs):
     return comfy_inprocess.run_prompt

@@ -28,7 +28,8 @@ def test_shipped_workflows_are_up_to_date(host):
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_ui_to_api_matches_the_description(host, path):
     wf = make_workflows.WORKFLOWS[path.stem]()
-    assert ui_to_api(json.loads(path.read_text()), node_defs()) == wf.to_api()
+    defs = node_defs()
+    assert ui_to_api(json.loads(path.read_text()), defs) == wf.to_api(defs)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])

@@ -157,3 +157,19 @@ def tiny_kl_x8_vae(seed: int = 3):
                 "ch_mult": [c // chans[0] for c in chans], "num_res_blocks": TINY_KL_X8_CONFIG["layers_per_block"],
                 "attn_resolutions": [], "dropout": 0.0}
     return comfy.sd.VAE(sd=tiny_kl_x8_state_dict(seed), config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+
+
+def write_taesd_pair(folder, prefix: str = "taesdxl", seed: int = 2) -> list:
+    """Random TAESD weights as the encoder/decoder .pth pair users put in models/vae_approx (bare keys)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = tiny_taesd_state_dict(seed)
+    paths = []
+    for part in ("encoder", "decoder"):
+        head = f"taesd_{part}."
+        path = folder / f"{prefix}_{part}.pth"
+        torch.save({k[len(head):]: v for k, v in sd.items() if k.startswith(head)}, path)
+        paths.append(path)
+    return paths

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 # loader -> test stand-in with the same output slots (MODEL, CLIP, VAE)
-TINY_LOADERS = {"CheckpointLoaderSimple": "SDXLOptTestTinyCheckpoint"}
+TINY_LOADERS = {"CheckpointLoaderSimple": "SDXLOptTestTinyCheckpoint",
+                "SDXLOptFP8CheckpointLoader": "SDXLOptTestTinyCheckpoint"}
 MAX_STEPS = 4
 
 

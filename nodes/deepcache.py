@@ -294,11 +294,12 @@ class DeepCache(io.ComfyNode):
                              tooltip="Skip connection where the shallow path re-joins the cached features "
                                      "(DeepCache's cache_branch_id): 0 = only the outermost blocks run on "
                                      "cached steps (fastest), higher = more blocks run (slower, closer to the "
-                                     "uncached image). SDXL has 0-8, SD1.x 0-11."),
+                                     "uncached image). SDXL has 0-8, SD1.x 0-11. To switch DeepCache off use "
+                                     "cache_interval 1."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Where caching starts, as a fraction of the denoising schedule like "
                                        "ControlNet's start_percent (0.0 = the first step). Steps before it "
-                                       "run in full."),
+                                       "run in full. start_percent = end_percent switches it off."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Where caching ends, as a fraction of the denoising schedule (1.0 = the "
                                        "last step). Steps after it run in full, e.g. 0.9 keeps the last "
@@ -307,7 +308,7 @@ class DeepCache(io.ComfyNode):
                                tooltip="Which steps run in full. uniform: every cache_interval-th step. "
                                        "non-uniform: the paper's schedule, the same number of full steps "
                                        "packed around nonuniform_center (better detail at the same speed "
-                                       "in the paper)."),
+                                       "in the paper). cache_interval 1 switches either off."),
                 io.Float.Input("nonuniform_center", default=0.3, min=0.0, max=1.0, step=0.01, **ADVANCED,
                                tooltip="non-uniform only: where full steps are densest, as a fraction of the "
                                        "cached steps (0.3 = the paper's center 15 of 50). Ignored by "

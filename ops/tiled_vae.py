@@ -407,19 +407,26 @@ def plan(stages: list[Stage], height: int, width: int, tile: int, overlap: int, 
     return Plan(whole, tiled, tiles, margin, overlap, tile, peak)
 
 
-def bytes_per_latent_pixel(stages: list[Stage], dtype_size: int) -> int:
-    """Estimated peak activation bytes per latent pixel of a tile window (the highest-resolution stage)."""
-    return int(max(s.cost for s in stages) * dtype_size * ALLOCATOR_SLACK)
-
-
 def auto_tile(stages: list[Stage], height: int, width: int, overlap: int, dtype_size: int, budget_bytes: float,
-              batch: int = 1, align: int = 8) -> int:
-    """Largest tile side (latent px, a multiple of `align`) that fits `budget_bytes`; the whole image when it fits."""
-    per_px = bytes_per_latent_pixel(stages, dtype_size) * batch
-    side = int(math.sqrt(max(budget_bytes, 0) / max(per_px, 1)))
-    if side * side >= height * width:
-        return max(height, width)
-    return max(side // align * align, 2 * overlap, 4 * align)
+              decoding: bool, align: int = 8) -> int:
+    """Largest tile side (latent px, a multiple of `align`) whose plan fits `budget_bytes`; the whole image if it fits."""
+    whole = max(height, width)
+    if plan(stages, height, width, whole, overlap, dtype_size, decoding).peak_bytes <= budget_bytes:
+        return whole
+    best = smallest = None
+    for side in range(max(align, math.ceil(2 * overlap / align) * align), whole, align):
+        try:
+            p = plan(stages, height, width, side, overlap, dtype_size, decoding)
+        except ValueError:  # too small for the tiled stages' reach
+            continue
+        smallest = smallest or side
+        if p.peak_bytes > budget_bytes:
+            break
+        best = side
+    if best is None:
+        log.warning("tiled VAE: even the smallest workable tile (%s latent px) exceeds the memory budget of "
+                    "%.2f GiB; using it anyway", smallest or whole, budget_bytes / 1024**3)
+    return best or smallest or whole
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -24,6 +24,10 @@ _USER_DIR = tempfile.mkdtemp(prefix="sdxlopt-user-")
 
 
 def pytest_configure(config):
+    import torch
+
+    # tiny models: one thread is as fast and does not oversubscribe the 2 cores with the served host
+    torch.set_num_threads(1)
     # boot before collection so test modules can import the pack's modules at top level
     comfy_inprocess.boot(user_dir=Path(_USER_DIR), extra_node_dirs=(TESTS / "host_nodes" / "tinymodels",))
 

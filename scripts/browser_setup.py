@@ -71,15 +71,25 @@ def _apt(args: list[str], what: str) -> bool:
     return True
 
 
+def _show_progress_if_unconfigured() -> None:
+    """Under scripts/host.py nothing configures logging: print our progress there (pytest has its own)."""
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[sdxl-optimizer] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def ensure_browser() -> str | None:
     """Return the path of a headless-capable Chromium, installing Debian's `chromium` if it is missing.
 
-    Installs only as root with apt-get available (`apt-get update`, then `apt-get install -y chromium fonts-liberation`,
-    ~20-60 s once). Returns None, with the reason logged (and kept for last_reason()), when no browser is
-    found and none can be installed.
+    Installs only as root with apt-get available (`apt-get update`, then
+    `apt-get install -y --no-install-recommends chromium fonts-liberation`, ~30-60 s once). Returns None,
+    with the reason logged (and kept for last_reason()), when no browser is found and none can be installed.
     """
     global _reason
     _reason = None
+    _show_progress_if_unconfigured()
     path = find_browser()
     if path:
         return path
@@ -106,7 +116,6 @@ def ensure_browser() -> str | None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="[sdxl-optimizer] %(message)s")
     found = ensure_browser()
     print(found or f"none: {last_reason()}")
     raise SystemExit(0 if found else 1)

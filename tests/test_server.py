@@ -2,67 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+from served import PACK, PACK_NAME, get, serve
 
 pytestmark = pytest.mark.server
-
-TESTS = Path(__file__).resolve().parent
-PACK = TESTS.parent
-PACK_NAME = "sdxl_optimizer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, timeout: float = 10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
 
 
 @pytest.fixture(scope="module")
 def server(host, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    extra = tmp / "extra_model_paths.yaml"
-    extra.write_text(f"sdxlopt_tests:\n  custom_nodes: {TESTS / 'host_nodes'}\n")
-    port = free_port()
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--user-directory", str(tmp / "user"), "--output-directory", str(tmp / "output"),
-         "--extra-model-paths-config", str(extra), "--disable-auto-launch"],
-        cwd=host.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    (tmp / "user").mkdir(exist_ok=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"main.py exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        try:
-            get(base + "/system_stats", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"main.py did not answer in 120 s:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serve(host.comfy_dir, tmp_path_factory.mktemp("server")) as served:
+        yield served.base
 
 
 def test_object_info_lists_the_pack_nodes(server):

@@ -1,0 +1,346 @@
+"""SDXLOpt FP8 loaders: a full SDXL checkpoint (MODEL, CLIP, VAE) or a UNet-only file, with the UNet's
+Linear/Conv2d weights stored in float8 (half the VRAM of fp16) and upcast per layer at compute time.
+
+The fp8 math is in ops/fp8.py. Here it meets ComfyUI through one extension point: the stock loaders'
+model_options["custom_operations"], a comfy.ops.manual_cast subclass whose Linear/Conv2d keep fp8 weights
+(the shape of city96/ComfyUI-GGUF's ops). Everything else is the host's own code: weights reach the layers
+through load_state_dict; offloading, LoRA weight patches (ModelPatcher.patch_weight_to_device, which
+re-rounds patched fp8 weights with comfy.float.stochastic_rounding) and low-VRAM weight functions
+(applied to the upcast weight in comfy.ops.cast_bias_weight) all see plain fp8 Parameters.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.ops
+import comfy.sd
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..ops import fp8 as fp8ops
+from . import CATEGORY
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+
+# key sets that identify what a file holds (ComfyUI/LDM layout of SD-family UNets, diffusers layout)
+UNET_KEYS = ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight")
+DIFFUSERS_UNET_KEYS = ("conv_in.weight", "time_embedding.linear_1.weight", "conv_out.weight")
+CHECKPOINT_PREFIX = "model.diffusion_model."
+PREQUANTIZED_SUFFIXES = ("scaled_fp8", ".scale_weight", ".weight_scale", ".comfy_quant", ".input_scale")
+LORA_MARKERS = ("lora_up", "lora_down", "lora_A.", "lora_B.", ".hada_", ".lokr_", "lora_unet_")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom_operations: the stock loaders build the UNet with these classes
+# ---------------------------------------------------------------------------------------------------------
+
+class Fp8Layer(fp8ops.Fp8WeightStorage):
+    """ComfyUI side of an fp8-stored layer: `fp8_fused` is fixed per ops class (never per step)."""
+
+    fp8_fused = False
+
+    def fp8_has_weight_functions(self) -> bool:
+        """A LoRA applied at compute time (low-VRAM patches, weight wrappers) or offloading patches."""
+        return (len(self.weight_function) > 0 or len(self.bias_function) > 0
+                or getattr(self, "weight_lowvram_function", None) is not None
+                or getattr(self, "bias_lowvram_function", None) is not None)
+
+
+class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
+    def forward_comfy_cast_weights(self, input, *args, **kwargs):
+        # weight functions need the upcast weight (exact LoRA in the compute dtype): the host's path
+        if not (self.fp8_fused and fp8ops.fused_applicable(input, self.weight)
+                and not self.fp8_has_weight_functions()):
+            return super().forward_comfy_cast_weights(input, *args, **kwargs)
+        # the host moves the fp8 weight to the input's device (offload streams included), no upcast
+        weight, bias, stream = comfy.ops.cast_bias_weight(self, input, dtype=self.weight.dtype,
+                                                          bias_dtype=input.dtype, offloadable=True)
+        out = fp8ops.fused_linear(input, weight, bias)
+        comfy.ops.uncast_bias_weight(self, weight, bias, stream)
+        return out
+
+
+class Fp8Conv2d(Fp8Layer, comfy.ops.manual_cast.Conv2d):
+    """fp8 storage; manual_cast's forward upcasts the weight to the input's dtype in cast_bias_weight."""
+
+
+_OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}
+
+
+def fp8_operations(storage_dtype: torch.dtype, fused: bool = False) -> type:
+    """The custom_operations class for model_options: Linear/Conv2d stored in `storage_dtype`, the rest
+    (norms, embeddings) as comfy.ops.manual_cast builds them, in the compute dtype."""
+    key = (storage_dtype, bool(fused))
+    if key not in _OPS_CACHE:
+        attrs = {"fp8_storage_dtype": storage_dtype, "fp8_fused": bool(fused), "__module__": __name__}
+        suffix = fp8ops.dtype_name(storage_dtype) + ("_fused" if fused else "")
+        _OPS_CACHE[key] = type(f"SDXLOptFp8Ops_{suffix}", (comfy.ops.manual_cast,), {
+            **attrs,
+            "Linear": type("Linear", (Fp8Linear,), dict(attrs)),
+            "Conv2d": type("Conv2d", (Fp8Conv2d,), dict(attrs)),
+        })
+    return _OPS_CACHE[key]
+
+
+def is_fp8_model(model) -> bool:
+    """True if the MODEL's diffusion model was built with these operations."""
+    inner = getattr(getattr(model, "model", model), "diffusion_model", None)
+    return inner is not None and any(isinstance(m, Fp8Layer) for m in inner.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files: find, inspect (header only), load through the stock loaders
+# ---------------------------------------------------------------------------------------------------------
+
+def resolve_file(folder: str, name: str) -> str:
+    """Full path of `name` in ComfyUI's model folder `folder`, or a FileNotFoundError that says where we looked."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        places = ", ".join(folder_paths.get_folder_paths(folder)) or "(no folder configured)"
+        raise FileNotFoundError(
+            f"SDXLOpt FP8 loader: expected the file {name!r} in ComfyUI's '{folder}' model folder ({places}), "
+            "found no such file (missing, or a link that points nowhere). Fix: put the file there and refresh "
+            "the node list (press R in the UI), or pick another file.")
+    return path
+
+
+def file_keys(path: str) -> list[str] | None:
+    """Tensor names from a safetensors header (no tensor is read); None for other formats (.ckpt, .pt)."""
+    if not path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ValueError(
+            f"SDXLOpt FP8 loader: expected {os.path.basename(path)} to be a safetensors model file, but its header "
+            f"could not be read ({type(e).__name__}: {e}). Fix: re-download or re-save the file.") from e
+
+
+def classify(keys: list[str]) -> str:
+    """What a state dict's key names say it holds: checkpoint, unet, unet_diffusers, prequantized, lora,
+    vae, other_diffusion (a checkpoint of another family) or unknown."""
+    ks = set(keys)
+    if any(k.endswith(PREQUANTIZED_SUFFIXES) for k in ks):
+        return "prequantized"
+    if all(CHECKPOINT_PREFIX + k in ks for k in UNET_KEYS):
+        return "checkpoint"
+    if all(k in ks for k in UNET_KEYS):
+        return "unet"
+    if all(k in ks for k in DIFFUSERS_UNET_KEYS) and any(k.startswith("down_blocks.") for k in ks):
+        return "unet_diffusers"
+    if any(m in k for k in ks for m in LORA_MARKERS):
+        return "lora"
+    if any(k.startswith(CHECKPOINT_PREFIX) for k in ks):
+        return "other_diffusion"
+    if any(k.startswith(("encoder.", "decoder.", "first_stage_model.", "taesd_")) for k in ks):
+        return "vae"
+    return "unknown"
+
+
+KIND_TEXT = {
+    "unet": "a UNet-only file (no CLIP or VAE inside)",
+    "unet_diffusers": "a UNet-only file in diffusers layout (no CLIP or VAE inside)",
+    "prequantized": "a model already quantized with per-tensor scales (scaled fp8 / comfy_quant)",
+    "lora": "a LoRA, not a model",
+    "vae": "a VAE, not a diffusion model",
+    "other_diffusion": "a checkpoint whose diffusion model is not an SD-family UNet (no input_blocks/out keys)",
+    "unknown": "no SD-family UNet keys at all",
+}
+KIND_FIX = {
+    "unet": "load it with 'SDXLOpt Load Diffusion Model (FP8)' and add CLIP and VAE loaders",
+    "unet_diffusers": "load it with 'SDXLOpt Load Diffusion Model (FP8)' and add CLIP and VAE loaders",
+    "prequantized": "load it with the stock loaders, which keep its fp8 weights and scales",
+    "lora": "load the model with this node and apply the LoRA after it with a Load LoRA node",
+    "vae": "load it with Load VAE",
+    "other_diffusion": "this loader handles SDXL / SD1.x / SD2.x UNets only; use the stock loaders for this model",
+    "unknown": "pick an SDXL / SD1.x / SD2.x checkpoint or UNet file",
+}
+
+
+def check_kind(path: str, name: str, accept: tuple[str, ...]) -> None:
+    """Raise a ValueError (what was expected, what arrived, the fix) unless the header says one of `accept`."""
+    keys = file_keys(path)
+    if keys is None:  # pickled formats: checked after loading (is_fp8_model / UNet class)
+        return
+    kind = classify(keys)
+    if kind in accept:
+        return
+    expected = "a full SDXL / SD-family checkpoint (UNet + CLIP + VAE)" if accept == ("checkpoint",) else \
+        "an SDXL / SD-family UNet (a UNet-only file or a full checkpoint)"
+    raise ValueError(f"SDXLOpt FP8 loader: expected {expected}, got {name!r}, which is {KIND_TEXT[kind]}. "
+                     f"Fix: {KIND_FIX[kind]}.")
+
+
+def _check_loaded(model, name: str) -> None:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    inner = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(inner, UNetModel) or not is_fp8_model(model):
+        got = type(getattr(model, "model", model)).__name__
+        raise ValueError(f"SDXLOpt FP8 loader: expected an SDXL / SD-family UNet in {name!r}, got a {got} model "
+                         f"({type(inner).__name__} diffusion model), which this loader cannot store in fp8. "
+                         "Fix: use the stock loaders for this model.")
+
+
+def _detection_error(e: RuntimeError, name: str) -> ValueError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ValueError(f"SDXLOpt FP8 loader: expected an SDXL / SD1.x / SD2.x model in {name!r}; ComfyUI could not "
+                      f"detect its model type ({first}). Fix: check that the file is a complete, uncorrupted "
+                      "SD-family model; other families load with the stock loaders.")
+
+
+def _log_plan(name: str, plan: fp8ops.Fp8Plan, model) -> None:
+    sizes = fp8ops.weight_bytes(model.model.diffusion_model)
+    total = sum(sizes.values()) / GIB
+    parts = ", ".join(f"{d} {b / GIB:.2f} GiB" for d, b in sorted(sizes.items(), key=lambda kv: -kv[1]))
+    line = f"SDXLOpt FP8: {name}: UNet {total:.2f} GiB ({parts}); {plan.describe()}"
+    degraded = not plan.fused and plan.reason != fp8ops.SWITCHED_OFF
+    (log.warning if degraded else log.info)(line)
+
+
+def operations_for(plan: fp8ops.Fp8Plan) -> type:
+    return fp8_operations(plan.storage_dtype, plan.fused)
+
+
+def load_checkpoint_fp8(path: str, plan: fp8ops.Fp8Plan, name: str | None = None):
+    """MODEL, CLIP, VAE of a checkpoint through comfy.sd.load_checkpoint_guess_config, UNet in fp8."""
+    name = name or os.path.basename(path)
+    try:
+        out = comfy.sd.load_checkpoint_guess_config(
+            path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+            model_options={"custom_operations": operations_for(plan)})
+    except RuntimeError as e:
+        if "detect model type" in str(e):
+            raise _detection_error(e, name) from e
+        raise
+    model, clip, vae = out[0], out[1], out[2]
+    _check_loaded(model, name)
+    _log_plan(name, plan, model)
+    return model, clip, vae
+
+
+def load_unet_fp8(path: str, plan: fp8ops.Fp8Plan, name: str | None = None):
+    """MODEL of a UNet-only file (or a checkpoint's UNet) through comfy.sd.load_diffusion_model, in fp8."""
+    name = name or os.path.basename(path)
+    try:
+        model = comfy.sd.load_diffusion_model(path, model_options={"custom_operations": operations_for(plan)})
+    except RuntimeError as e:
+        if "detect model type" in str(e):
+            raise _detection_error(e, name) from e
+        raise
+    _check_loaded(model, name)
+    _log_plan(name, plan, model)
+    return model
+
+
+def make_plan(weight_dtype: str, fused_matmul: bool) -> fp8ops.Fp8Plan:
+    """The plan for ComfyUI's compute device (raises Fp8UnsupportedError, a ValueError, with the fix)."""
+    return fp8ops.plan(weight_dtype, comfy.model_management.get_torch_device(), fused=fused_matmul)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nodes
+# ---------------------------------------------------------------------------------------------------------
+
+WEIGHT_DTYPE_TOOLTIP = (
+    "How the UNet's Linear and Conv2d weights are stored (norms and biases stay in the compute dtype). "
+    "float8_e4m3fn: 3 mantissa bits, the more precise; float8_e5m2: 2 mantissa bits, wider range; auto: "
+    "e4m3fn when this device and torch can hold it, else e5m2. Either halves the UNet's weight memory versus "
+    "fp16 (SDXL: 4.8 -> 2.4 GiB). To switch fp8 off, use the stock loader instead.")
+FUSED_TOOLTIP = (
+    "On: Linear layers multiply with a fused Triton kernel that reads the fp8 weights directly, where it can "
+    "run (CUDA GPU of compute capability 8.9+, i.e. RTX 40xx / Ada / Hopper, with Triton); elsewhere the "
+    "per-layer upcast is used and the log says why. Off: always the per-layer upcast (storage only). "
+    "Both give the same result within fp16 rounding.")
+
+
+def _advanced(inp):
+    """Mark an input as an expert knob (the `advanced` flag; older hosts take it through extra_dict)."""
+    if hasattr(inp, "advanced"):
+        inp.advanced = True
+    else:
+        inp.extra_dict["advanced"] = True
+    return inp
+
+
+def _dtype_input() -> io.Combo.Input:
+    return io.Combo.Input("weight_dtype", options=list(fp8ops.WEIGHT_DTYPE_CHOICES), default="auto",
+                          tooltip=WEIGHT_DTYPE_TOOLTIP)
+
+
+def _fused_input() -> io.Boolean.Input:
+    return _advanced(io.Boolean.Input("fused_matmul", default=True, tooltip=FUSED_TOOLTIP))
+
+
+class Fp8CheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLOptFP8CheckpointLoader",
+            display_name="SDXLOpt Load Checkpoint (FP8)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads an SDXL (or SD1.x/SD2.x) checkpoint from models/checkpoints with the UNet's weights "
+                        "stored in float8: half the UNet VRAM of fp16. CLIP and VAE load as with the stock node. "
+                        "LoRAs apply after it as usual. The file is only read.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="The checkpoint file (UNet + CLIP + VAE) in ComfyUI's models/checkpoints "
+                                       "folder. For a UNet-only file use SDXLOpt Load Diffusion Model (FP8)."),
+                _dtype_input(),
+                _fused_input(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The UNet, Linear/Conv2d weights in float8."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoders, as the stock loader gives them."),
+                io.Vae.Output(display_name="VAE", tooltip="The VAE, as the stock loader gives it."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name: str, weight_dtype: str = "auto", fused_matmul: bool = True) -> io.NodeOutput:
+        plan = make_plan(weight_dtype, fused_matmul)
+        path = resolve_file("checkpoints", ckpt_name)
+        check_kind(path, ckpt_name, accept=("checkpoint",))
+        model, clip, vae = load_checkpoint_fp8(path, plan, ckpt_name)
+        return io.NodeOutput(model, clip, vae)
+
+
+class Fp8UNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SDXLOptFP8UNetLoader",
+            display_name="SDXLOpt Load Diffusion Model (FP8)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads an SDXL (or SD1.x/SD2.x) UNet-only file from models/diffusion_models (or models/unet) "
+                        "with its weights stored in float8: half the VRAM of fp16. Unlike the stock loader's fp8 "
+                        "option, norms and biases stay in the compute dtype, and on Ada/Hopper GPUs the Linear "
+                        "layers can use a fused fp8 matmul. The file is only read.",
+            inputs=[
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="The UNet file in ComfyUI's models/diffusion_models (or models/unet) folder. "
+                                       "A full checkpoint works too (only its UNet is loaded)."),
+                _dtype_input(),
+                _fused_input(),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The UNet, Linear/Conv2d weights in float8.")],
+        )
+
+    @classmethod
+    def execute(cls, unet_name: str, weight_dtype: str = "auto", fused_matmul: bool = True) -> io.NodeOutput:
+        plan = make_plan(weight_dtype, fused_matmul)
+        path = resolve_file("diffusion_models", unet_name)
+        check_kind(path, unet_name, accept=("unet", "unet_diffusers", "checkpoint"))
+        return io.NodeOutput(load_unet_fp8(path, plan, unet_name))
+
+
+NODES = [Fp8CheckpointLoader, Fp8UNetLoader]

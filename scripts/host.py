@@ -234,6 +234,7 @@ def _check_pack_loaded(proc: subprocess.Popen, tail: list[str]) -> bool:
 
 def test(extra: list[str]) -> int:
     setup()
+    __import__("browser_setup").ensure_browser()  # Debian's chromium for tests/test_browser.py (root + apt-get)
     env = dict(os.environ, SDXLOPT_COMFYUI=str(COMFY), PYTHONDONTWRITEBYTECODE="1")
     cmd = [str(PY), "-m", "pytest", *extra]
     log("$ " + " ".join(cmd))

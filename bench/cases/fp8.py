@@ -1,0 +1,135 @@
+"""FP8 weight-cast loader (issue 3): fp16 vs ComfyUI core's weight_dtype fp8_e4m3fn vs ours, same run.
+
+Rows (full mode: SDXL with random weights, 1024x1024, Euler, 50 steps, cfg 5, on the GPU):
+  fp16                              the stock model (the same weights every other row starts from)
+  core fp8_e4m3fn                   core's way: load_diffusion_model_state_dict(model_options={"dtype": fp8}),
+                                    what UNETLoader's weight_dtype=fp8_e4m3fn does (every weight fp8, manual cast)
+  ours e4m3fn, per-call upcast      our custom_operations, fused matmul off (storage only)
+  ours e4m3fn, fused Triton matmul  our custom_operations with the fused weight-only fp8 kernel (Ada/Hopper)
+  ours e5m2, ...                    the same for float8_e5m2 (fused where available, else per-call upcast)
+Columns: s_per_image (median of ctx.repeat after one warm-up run, which also autotunes the fused kernel),
+peak_vram_gib (peak allocated during sampling: weights + activations), x_fp16 (s/image over the fp16 row's),
+rel_err (one UNet forward, batch 2 at the benchmark resolution, max|y - y_fp16| / max|y_fp16|),
+weights_gib (UNet parameter bytes), path (what ran, and why).
+
+Unattended: each row is built, measured and freed on its own; a row that fails (a Triton compile error,
+out of memory) becomes a FAILED row and the others go on; the fused rows say why when they cannot run.
+--small: the tiny UNet on the CPU (fp32 compute; the tiny config is not detectable by ComfyUI's loaders,
+so the models are built by hand the same way); the fused rows report "skipped" there.
+"""
+from __future__ import annotations
+
+import gc
+import traceback
+
+import torch
+
+from ..common import GIB, BenchContext
+
+CASE = "fp8"
+
+
+def _forward_inputs(ctx: BenchContext, batch: int = 2) -> dict:
+    """Seeded UNet inputs at the benchmark resolution: latents, timestep 500, context, SDXL's y."""
+    gen = torch.Generator().manual_seed(1234)
+    cfg = ctx.unet_config
+    x = torch.randn(batch, cfg["in_channels"], ctx.height // 8, ctx.width // 8, generator=gen)
+    context = torch.randn(batch, 77, cfg["context_dim"], generator=gen)
+    y = torch.randn(batch, cfg["adm_in_channels"], generator=gen)
+    t = torch.full((batch,), 500.0)
+    return {k: v.to(ctx.device, ctx.dtype) for k, v in {"x": x, "t": t, "context": context, "y": y}.items()}
+
+
+def _forward(patcher, inp: dict) -> torch.Tensor:
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    with torch.inference_mode():
+        out = patcher.model.diffusion_model(inp["x"], timesteps=inp["t"], context=inp["context"], y=inp["y"])
+    return out.float().cpu()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def _build(ctx: BenchContext, sd: dict, model_options: dict):
+    """A MODEL from the fp16 model's UNet state dict through the loaders' path, with `model_options`."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+
+    if not ctx.small:  # what UNETLoader / our UNet loader do after reading the file
+        model = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=model_options)
+        if model is None:
+            raise RuntimeError("ComfyUI did not detect the benchmark state dict as SDXL")
+        return model
+    # tiny UNet: ComfyUI's detection knows only full-size SDXL; the same steps by hand
+    cfg = comfy.supported_models.SDXL(ctx.unet_config)
+    unet_dtype = model_options.get("dtype", ctx.dtype)
+    cfg.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, ctx.device, cfg.supported_inference_dtypes))
+    cfg.custom_operations = model_options.get("custom_operations")
+    model = cfg.get_model({})
+    model.diffusion_model.load_state_dict(sd)
+    return comfy.model_patcher.ModelPatcher(model, load_device=ctx.device, offload_device=mm.unet_offload_device())
+
+
+def _weights_gib(patcher) -> float:
+    return round(sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters()) / GIB, 3)
+
+
+def _release(ctx: BenchContext) -> None:
+    ctx.free_models()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(ctx: BenchContext) -> None:
+    from sdxl_optimizer.nodes.fp8 import fp8_operations
+    from sdxl_optimizer.ops import fp8 as ofp8
+
+    base = ctx.base_model()
+    inp = _forward_inputs(ctx)
+    ref = _forward(base, inp)
+    base_name = str(ctx.dtype).replace("torch.", "")
+    m = ctx.measure(lambda: ctx.sample(base))
+    base_s = m.seconds
+    ctx.add_row(CASE, f"{base_name} (stock)", m, x_fp16=1.0, rel_err=0.0, weights_gib=_weights_gib(base),
+                path=f"stock ComfyUI, {base_name} weights")
+    _release(ctx)
+    sd = {k: v.to("cpu") for k, v in base.model.diffusion_model.state_dict().items()}
+
+    variants = [("core weight_dtype fp8_e4m3fn", {"dtype": torch.float8_e4m3fn},
+                 "core manual_cast: every weight (norms, biases too) fp8, upcast per call", True)]
+    for name in ("float8_e4m3fn", "float8_e5m2"):
+        short = name.replace("float8_", "")
+        upcast = ofp8.plan(name, ctx.device, fused=False)
+        fused = ofp8.plan(name, ctx.device, fused=True)
+        timed_upcast = short == "e4m3fn" or not fused.fused  # e5m2: time the faster path only
+        variants.append((f"ours {short}, per-call upcast", {"custom_operations": fp8_operations(
+            upcast.storage_dtype, False)}, upcast.describe(), timed_upcast))
+        if fused.fused:
+            variants.append((f"ours {short}, fused Triton matmul", {"custom_operations": fp8_operations(
+                fused.storage_dtype, True)}, fused.describe(), True))
+        else:
+            ctx.add_row(CASE, f"ours {short}, fused Triton matmul", notes=f"skipped: {fused.reason}")
+
+    for name, options, path, timed in variants:
+        model = None
+        try:
+            model = _build(ctx, sd, options)
+            err = _rel_err(_forward(model, inp), ref)
+            extra = {"rel_err": round(err, 5), "weights_gib": _weights_gib(model), "path": path}
+            if timed:
+                m = ctx.measure(lambda model=model: ctx.sample(model))
+                ctx.add_row(CASE, name, m, x_fp16=round(m.seconds / base_s, 3), **extra)
+            else:
+                ctx.add_row(CASE, name, notes="error only (same kernels as the e4m3fn row)", **extra)
+        except Exception as e:  # one broken path must not lose the other rows
+            traceback.print_exc()
+            ctx.add_row(CASE, name, notes=f"FAILED: {type(e).__name__}: {e}"[:300], path=path)
+        finally:
+            del model
+            _release(ctx)

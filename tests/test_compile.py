@@ -1,0 +1,456 @@
+"""SDXLOpt Compile: compiled == eager for each pack node and the full stack in several orders (tiny UNet, CPU,
+backend aot_eager, fullgraph=True: any graph break fails the test), zero recompiles after the first call
+(CFG cutoff, DeepCache, LoRA strength, weight patches), compiled graphs reused across runs and clones, one
+compile per new resolution, the eager fallbacks, and isolation.
+
+Compile time dominates this file, so the UNet is smaller than the suite's tiny one (2 levels, 1 res block
+each, transformers at the lower level and in the middle: ~4x fewer ops), and tests share the process-wide
+compiled-graph cache on purpose (that reuse is one of the things tested). Counts are deltas of dynamo's
+own counter (`unique_graphs`).
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.lora
+import comfy.model_management
+import comfy.sample
+import comfy.sd
+import pytest
+import torch
+
+from sdxl_optimizer.nodes import compile as ncomp
+from sdxl_optimizer.nodes.compile import KEY, Compile, apply_compile, last_run_stats, sdpa_attention_override
+from sdxl_optimizer.ops import compile as ocomp
+from sdxl_optimizer.ops.compile import CompileConfig, graphs_compiled
+from tinymodels import bridge, factories
+
+SMALL_UNET = dict(factories.TINY_UNET_CONFIG, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[0, 1],
+                  transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=1)
+TEST_CONFIG = CompileConfig(backend="aot_eager", mode="default", fullgraph=True)
+POS = factories.random_conditioning(11)
+NEG = factories.random_conditioning(12)
+STEPS = 3
+DC_STEPS = 5  # cutoff 0.5 + DeepCache interval 2: full and shallow steps both before and after the cutoff
+SIZE = 8
+TOL = 1e-4  # compiled vs eager: same kernels under aot_eager, only the order of a few reductions differs
+
+
+# ---------------------------------------------------------------- helpers
+
+def compiled(model, **kw):
+    return apply_compile(model, CompileConfig(**{**TEST_CONFIG.__dict__, **kw}))
+
+
+def eager(model):
+    """The eager reference: the same model with the attention the compiled path uses (SDPA; on CPU the host
+    picks sub-quadratic attention, which reads free memory per call and cannot be compiled)."""
+    m = model.clone()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sdpa_attention_override
+    return m
+
+
+def sample(model, steps: int = STEPS, cfg: float = 5.0, size: int = SIZE, seed: int = 0) -> torch.Tensor:
+    latent = torch.zeros(1, 4, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", POS, NEG, latent, disable_pbar=True,
+                               seed=seed)
+
+
+def run_counted(model, **kw) -> tuple[torch.Tensor, int, ocomp.CompileRunStats]:
+    """(output, graphs dynamo compiled during the run, the run's compile statistics)."""
+    g0 = graphs_compiled()
+    out = sample(model, **kw)
+    return out, graphs_compiled() - g0, last_run_stats()
+
+
+def assert_all_compiled(stats: ocomp.CompileRunStats, recompiles: int = 0) -> None:
+    assert stats.fallbacks == [], f"expected no eager fallback, got {stats.fallbacks}"
+    assert stats.eager_calls == 0 and stats.compiled_calls > 0, \
+        f"expected every UNet call compiled, got {stats.compiled_calls} compiled, {stats.eager_calls} eager"
+    assert stats.sampling_graphs == recompiles, \
+        f"expected {recompiles} compiles during sampling (after the first call), got {stats.sampling_graphs}"
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
+    err = bridge.rel_err(a, b)
+    assert err < tol, f"expected compiled == eager (rel err < {tol}), got {err:.3g}"
+
+
+def tiny_lora(patcher, seed: int, rank: int = 2) -> dict[str, torch.Tensor]:
+    """A kohya-format LoRA on the 2-D transformer weights of the UNet (ComfyUI's own key map)."""
+    gen = torch.Generator().manual_seed(seed)
+    msd = patcher.model.state_dict()
+    sd = {}
+    for name, key in comfy.lora.model_lora_keys_unet(patcher.model, {}).items():
+        if not name.startswith("lora_unet_") or "transformer_blocks" not in name or msd[key].ndim != 2:
+            continue
+        out_f, in_f = msd[key].shape
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
+        sd[f"{name}.lora_up.weight"] = torch.randn(out_f, rank, generator=gen) * 0.5 / rank**0.5
+    assert sd, "expected LoRA keys for the tiny UNet, got none"
+    return sd
+
+
+def with_lora(model, lora: dict, strength: float):
+    return comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)[0]
+
+
+def deepcache(model, interval: int = 2):
+    from sdxl_optimizer.nodes.deepcache import apply_deepcache
+    from sdxl_optimizer.ops.deepcache import DeepCacheConfig
+
+    return apply_deepcache(model, DeepCacheConfig(interval=interval))
+
+
+def cfg_cutoff(model, fraction: float = 0.5):
+    from sdxl_optimizer.nodes.cfg_cutoff import apply_cfg_cutoff
+
+    return apply_cfg_cutoff(model, fraction)
+
+
+def freeu(model):
+    from sdxl_optimizer.nodes.freeu import apply_freeu
+    from sdxl_optimizer.ops.freeu import FreeUConfig
+
+    return apply_freeu(model, FreeUConfig.from_preset("SDXL"))
+
+
+def fp8_model(seed: int = 0):
+    from sdxl_optimizer.nodes.fp8 import fp8_operations
+
+    return factories.tiny_unet(seed, unet_config=SMALL_UNET,
+                               model_options={"custom_operations": fp8_operations(torch.float8_e4m3fn)})
+
+
+def options_snapshot(model) -> str:
+    return repr((model.model_options, {k: {k1: list(v1) for k1, v1 in v.items()} for k, v in model.wrappers.items()},
+                 sorted(model.patches)))
+
+
+@pytest.fixture(scope="module")
+def small():
+    return factories.tiny_unet(0, unet_config=SMALL_UNET)
+
+
+@pytest.fixture(scope="module")
+def plain_run(small):
+    """The plain model compiled once (the first compile of the file) and its eager reference."""
+    out, graphs, stats = run_counted(compiled(small))
+    return out, graphs, stats, sample(eager(small))
+
+
+# ---------------------------------------------------------------- ops (no compile)
+
+def test_config_maps_to_torch_compile_arguments_per_device():
+    c = CompileConfig()
+    assert c.effective_mode("cuda") == "reduce-overhead" and c.uses_cudagraphs("cuda")
+    assert c.effective_mode("cpu") == "default" and not c.uses_cudagraphs("cpu")
+    assert CompileConfig(mode="max-autotune").effective_mode("mps") == "max-autotune-no-cudagraphs"
+    assert CompileConfig(backend="cudagraphs").uses_cudagraphs("cuda")
+    assert CompileConfig(backend="aot_eager").effective_mode("cuda") is None
+    kw = ocomp.compile_kwargs(c, "cuda")
+    assert "mode" not in kw and kw["options"].get("triton.cudagraphs") is True and kw["dynamic"] is False
+    if ocomp.guard_filter_supported():
+        assert kw["options"]["guard_filter_fn"] is ocomp.drop_parameter_guards
+    for bad, what in ((dict(backend="tensorrt_magic"), "backend"), (dict(mode="fast"), "mode"),
+                      (dict(cache_size=0), "cache_size")):
+        with pytest.raises(ValueError, match=what) as e:
+            CompileConfig(**bad).validate()
+        assert "Fix:" in str(e.value)
+
+
+def test_parameter_guards_are_dropped_and_the_layout_signature_replaces_them():
+    p = torch.nn.Parameter(torch.ones(2))
+    entries = [type("E", (), {"guard_type": t, "value": v})() for t, v in
+               (("TENSOR_MATCH", p), ("TENSOR_MATCH", torch.ones(2)), ("ID_MATCH", p))]
+    assert ocomp.drop_parameter_guards(entries) == [False, True, True]
+    a, b = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4)
+    assert ocomp.parameter_signature(a) == ocomp.parameter_signature(b)  # other values, same layout
+    b.weight = torch.nn.Parameter(b.weight.detach().half())
+    assert ocomp.parameter_signature(a) != ocomp.parameter_signature(b)
+
+
+def test_cache_is_bounded_per_family_and_each_entry_has_its_own_code_object():
+    cache = ocomp.CompileCache(max_families=2)
+    made = []
+
+    def comp(fn):
+        made.append(fn)
+        return fn
+
+    e1 = cache.entry("fam", (8, 8), comp, cache_size=2)
+    assert cache.entry("fam", (8, 8), comp, cache_size=2) is e1 and len(made) == 1
+    cache.entry("fam", (16, 16), comp, cache_size=2)
+    cache.entry("fam", (8, 8), comp, cache_size=2)  # most recent again
+    cache.entry("fam", (24, 24), comp, cache_size=2)  # drops (16, 16), the least recently used
+    assert list(cache.families["fam"]) == [(8, 8), (24, 24)]
+    assert len({f.__code__ for f in made}) == len(made) == 3
+    cache.entry("a", None, comp, 1)
+    cache.entry("b", None, comp, 1)
+    assert list(cache.families) == ["a", "b"]
+    assert e1(lambda x, y=0: x + y, (1,), {"y": 2}) == 3
+
+
+def test_chunks_of_a_cond_batch_and_cudagraph_output_copies():
+    x = torch.arange(6.0).reshape(6, 1)  # 2 chunks of 3 rows
+    assert ocomp.positive_chunks([1, 0]) == [1]
+    got = ocomp.chunk_batch({"a": [x, None], "b": torch.ones(2)}, 6, 2, [1])
+    assert got["a"][0].tolist() == [[3.0], [4.0], [5.0]] and got["a"][1] is None and got["b"].shape == (2,)
+
+    class Keeper:
+        def __init__(self):
+            self.kept = None
+
+    k, sink, old = Keeper(), [3, None], torch.zeros(1)
+    box = {"old": old}
+    before = ocomp.kept_tensors([k, sink, box])
+    k.kept = t = torch.ones(3)
+    sink[1] = u = torch.ones(2)
+    assert ocomp.clone_new_tensors([k, sink, box], before) == 2
+    assert k.kept is not t and torch.equal(k.kept, t) and sink[1] is not u and box["old"] is old
+
+
+# ---------------------------------------------------------------- compiled == eager, recompiles, reuse
+
+def test_plain_model_compiled_equals_eager_and_the_first_call_reports_seconds(plain_run, small, caplog):
+    out, graphs, stats, ref = plain_run
+    close(out, ref)
+    assert_all_compiled(stats)
+    assert stats.warmup_graphs >= 1 and stats.warmup_seconds > 0, "expected the compile in the first call"
+    caplog.set_level(logging.INFO)
+    again, graphs2, stats2 = run_counted(compiled(small))  # another node application, same model: reused
+    assert graphs2 == 0 and stats2.warmup_graphs == 0, f"expected the compiled graphs reused, got {graphs2} new"
+    assert torch.equal(again, out)
+    assert any("no compile (reused compiled graphs)" in r.getMessage() for r in caplog.records)
+
+
+def test_lora_strength_and_weight_patches_do_not_recompile(plain_run, small):
+    lora = tiny_lora(small, seed=5)
+    outs = []
+    for strength in (0.5, 1.0):
+        out, graphs, stats = run_counted(compiled(with_lora(small, lora, strength)))
+        assert graphs == 0, f"expected no recompile for LoRA strength {strength}, got {graphs} graphs"
+        assert_all_compiled(stats)
+        outs.append(out)
+    close(outs[1], sample(eager(with_lora(small, lora, 1.0))))
+    assert not torch.equal(outs[0], outs[1]), "expected the strength change to reach the compiled graph"
+    m = small.clone()  # a plain weight patch ("diff") on one layer
+    key = "diffusion_model.input_blocks.0.0.weight"
+    m.add_patches({key: (torch.full_like(small.model.state_dict()[key], 0.01),)}, 1.0)
+    out, graphs, stats = run_counted(compiled(m))
+    assert graphs == 0, f"expected no recompile for a weight patch, got {graphs}"
+    close(out, sample(eager(m)))
+    assert not torch.equal(out, plain_run[0])
+
+
+def test_cfg_cutoff_compiles_both_batches_first_and_never_mid_run(plain_run, small):
+    m = compiled(cfg_cutoff(small, 0.5))
+    out, graphs, stats = run_counted(m)
+    close(out, sample(eager(cfg_cutoff(small, 0.5))))
+    assert_all_compiled(stats)
+    assert graphs == 1 and stats.warmup_graphs == 1, \
+        f"expected exactly the cond-only batch compiled, in the first call, got {graphs} ({stats})"
+    out2, graphs2, stats2 = run_counted(compiled(cfg_cutoff(small, 0.5)))  # cutoff node before or after
+    assert graphs2 == 0 and torch.equal(out2, out)
+    out3, graphs3, _ = run_counted(cfg_cutoff(compiled(small), 0.5))
+    assert graphs3 == 0 and torch.equal(out3, out)
+
+
+def test_deepcache_runs_full_steps_compiled_and_never_recompiles(plain_run, small, caplog):
+    caplog.set_level(logging.INFO)
+    ref = sample(eager(deepcache(small, 2)), steps=DC_STEPS)
+    out, graphs, stats = run_counted(compiled(deepcache(small, 2)), steps=DC_STEPS)
+    close(out, ref)
+    assert_all_compiled(stats)
+    assert stats.compiled_calls == 3, f"expected the 3 full steps of 5 on the compiled path, got {stats}"
+    assert any("2/5 UNet calls took the shallow path" in r.getMessage() for r in caplog.records)
+    out2, graphs2, _ = run_counted(deepcache(compiled(small), 2), steps=DC_STEPS)  # the other order
+    assert graphs2 == 0 and torch.equal(out2, out)
+
+
+def test_freeu_compiled_equals_eager(plain_run, small):
+    out, graphs, stats = run_counted(compiled(freeu(small)))
+    close(out, sample(eager(freeu(small))))
+    assert_all_compiled(stats)
+    out2, graphs2, _ = run_counted(freeu(compiled(small)))
+    assert graphs2 == 0 and torch.equal(out2, out)
+
+
+def test_fp8_weights_compiled_equal_eager():
+    m8 = fp8_model(0)
+    out, graphs, stats = run_counted(compiled(m8))
+    close(out, sample(eager(m8)))
+    assert_all_compiled(stats)
+    assert graphs >= 1, "expected the fp8 layout compiled as its own family"
+
+
+def test_full_stack_in_any_order_equals_eager_with_one_compile_per_batch():
+    base = fp8_model(0)
+    lora = tiny_lora(base, seed=7)
+    stacks = {
+        "compile last": lambda m: compiled(cfg_cutoff(deepcache(freeu(with_lora(m, lora, 0.8)), 2), 0.5)),
+        "compile first": lambda m: with_lora(deepcache(cfg_cutoff(freeu(compiled(m)), 0.5), 2), lora, 0.8),
+        "compile middle": lambda m: cfg_cutoff(freeu(compiled(deepcache(with_lora(m, lora, 0.8), 2))), 0.5),
+    }
+    ref = sample(eager(cfg_cutoff(deepcache(freeu(with_lora(base, lora, 0.8)), 2), 0.5)), steps=DC_STEPS)
+    outs, total = [], 0
+    for name, build in stacks.items():
+        out, graphs, stats = run_counted(build(base), steps=DC_STEPS)
+        try:
+            assert_all_compiled(stats)
+            close(out, ref)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+        outs.append(out)
+        total += graphs
+    assert total == 2, f"expected 2 compiles in all (batch 2 and the cond-only batch, first order), got {total}"
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_deepcache_shallow_forward_compiles_as_a_region_without_graph_breaks(small):
+    """DeepCache's shallow UNet forward (nodes/deepcache.py) through CompiledPath.region with fullgraph=True:
+    the entry point DeepCache can use to put its shallow steps on the compiled path."""
+    from sdxl_optimizer.nodes import deepcache as dcn
+    from sdxl_optimizer.ops.deepcache import shallow_plan
+
+    unet = small.model.diffusion_model
+    path = ncomp.CompiledPath(TEST_CONFIG)
+    path.begin("cpu")
+    n_input, first_output = shallow_plan(0, dcn.num_skips(unet))
+    tidx = dcn.transformer_index_before_output(unet, first_output)
+    inp = bridge.random_unet_inputs(3, 2, SIZE)
+    kept = []
+
+    def capture(h, hsp, transformer_options):  # the features entering the shallow path's first output block
+        if transformer_options["block"] == ("output", first_output):
+            kept.append(h.clone())
+        return h, hsp
+
+    with torch.no_grad():
+        unet._forward(inp["x"], inp["t"], inp["context"], inp["y"], None,
+                      {"patches": {"output_block_patch": [capture]},
+                       "optimized_attention_override": sdpa_attention_override})
+        cached = kept[0]
+
+        def args(seed):
+            x = inp["x"] + 0.01 * torch.randn(inp["x"].shape, generator=torch.Generator().manual_seed(seed))
+            return (unet, cached, n_input, first_output, tidx, x), dict(
+                timesteps=inp["t"], context=inp["context"], y=inp["y"], control=None,
+                transformer_options={"patches": {}, "optimized_attention_override": sdpa_attention_override})
+
+        region = path.region("deepcache_shallow", dcn.shallow_unet_forward)
+        g0 = graphs_compiled()
+        for seed in (1, 2, 3):
+            a, k = args(seed)
+            close(region(*a, **k), dcn.shallow_unet_forward(*args(seed)[0], **args(seed)[1]))
+    assert graphs_compiled() - g0 == 1, "expected one graph for the shallow forward, reused on later calls"
+    assert path.stats.compiled_calls == 3 and path.stats.fallbacks == []
+
+
+def test_a_new_resolution_compiles_once_and_known_ones_are_reused(plain_run, small):
+    out, graphs, stats = run_counted(compiled(small), size=12)
+    assert graphs == 1 and stats.warmup_graphs == 1, f"expected one compile for 12x12, got {graphs}"
+    close(out, sample(eager(small), size=12))
+    _, graphs8, _ = run_counted(compiled(small))
+    _, graphs12, _ = run_counted(compiled(small), size=12)
+    assert graphs8 == graphs12 == 0, f"expected known sizes reused, got {graphs8}, {graphs12} new graphs"
+
+
+# ---------------------------------------------------------------- fallbacks
+
+def test_cpu_without_a_compiler_backend_runs_eager_with_one_log_line(small, caplog):
+    caplog.set_level(logging.INFO)
+    ncomp._LOGGED.discard("problem:" + (ocomp.compiler_problem(CompileConfig(), "cpu") or ""))
+    m = apply_compile(eager(small), CompileConfig(backend="inductor"))  # the node's default; CPU here
+    out1, g1, s1 = run_counted(m)
+    out2, g2, _ = run_counted(m)
+    assert g1 == g2 == 0 and s1.compiled_calls == 0 and s1.eager_calls == STEPS
+    assert torch.equal(out1, sample(eager(small))) and torch.equal(out2, out1)
+    lines = [r for r in caplog.records if "running eager" in r.getMessage()]
+    assert len(lines) == 1 and "CUDA" in lines[0].getMessage() and lines[0].levelno == logging.WARNING
+
+
+def test_a_failing_compile_falls_back_to_eager_and_still_makes_the_image(small, caplog):
+    """A patch that breaks the graph under fullgraph=True: the compile fails inside the first UNet call; the
+    image is still made (eager), the log names the cause once, and later runs go straight to eager."""
+    caplog.set_level(logging.WARNING)
+    m = eager(small)
+
+    def host_sync_patch(h, transformer_options):
+        if float(h.abs().max()) > -1.0:  # a host sync: data-dependent Python control flow
+            return h
+        return h
+
+    m.set_model_input_block_patch(host_sync_patch)
+    ref = sample(m)  # the host's own eager forward: what the fallback runs
+    out, graphs, stats = run_counted(compiled(m))
+    assert torch.equal(out, ref)
+    assert stats.compiled_calls == 0 and stats.eager_calls == STEPS and len(stats.fallbacks) == 1
+    msgs = [r.getMessage() for r in caplog.records if "failed, it runs eager" in r.getMessage()]
+    assert len(msgs) == 1 and "still made" in msgs[0]
+    out2, _, stats2 = run_counted(compiled(m))
+    assert torch.equal(out2, out) and stats2.eager_calls == STEPS
+    assert len([r for r in caplog.records if "failed, it runs eager" in r.getMessage()]) == 1
+    assert stats2.fallbacks and "host_sync_patch" in stats2.fallbacks[0]  # each run's summary says why
+    _, _, plain = run_counted(compiled(small))  # the failure stays with its own stack
+    assert_all_compiled(plain)
+
+
+def test_a_broken_compiler_is_caught_by_the_self_test(small, caplog):
+    import torch._dynamo
+
+    @torch._dynamo.register_backend(name="sdxlopt_test_broken")
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C compiler found")
+
+    caplog.set_level(logging.WARNING)
+    cfg = CompileConfig(backend="sdxlopt_test_broken")
+    assert "no C compiler found" in ocomp.compiler_problem(cfg, "cpu")
+    out, graphs, stats = run_counted(apply_compile(eager(small), cfg))
+    assert torch.equal(out, sample(eager(small))) and stats.eager_calls == STEPS
+    assert any("self-test" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- node, isolation
+
+def test_node_leaves_the_input_model_unchanged_and_replaces_core_compile(small, caplog):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    before = options_snapshot(small)
+    weights = {k: v.clone() for k, v in small.model.state_dict().items()}
+    m = Compile.execute(small, mode="reduce-overhead", backend="inductor").result[0]
+    assert options_snapshot(small) == before and KEY not in small.model_options.get("transformer_options", {})
+    assert m is not small and isinstance(m.model_options["transformer_options"][KEY], ncomp.CompiledPath)
+    core = small.clone()
+    set_torch_compile_wrapper(core, backend="inductor")  # ComfyUI's TorchCompileModel on the same model
+    caplog.set_level(logging.WARNING)
+    out = sample(compiled(core))
+    close(out, sample(eager(small)))
+    assert last_run_stats().compiled_calls == STEPS
+    assert any("TorchCompileModel" in r.getMessage() for r in caplog.records)
+    assert options_snapshot(small) == before
+    assert all(torch.equal(v, weights[k]) for k, v in small.model.state_dict().items())
+    with pytest.raises(ValueError, match="mode"):
+        Compile.execute(small, mode="turbo")
+
+
+def test_node_in_a_prompt(run_prompt):
+    prompt = {
+        "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "taesd"}},
+        "2": {"class_type": "SDXLOptCompile", "inputs": {"model": ["1", 0], "mode": "reduce-overhead",
+                                                          "dynamic_shapes": False, "backend": "inductor",
+                                                          "cache_size": 4, "warmup": True, "fullgraph": False}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "denoise": 1.0}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "sdxlopt_compile"}},
+    }
+    res = run_prompt(prompt)
+    samples = res.output("6")[0]["samples"]
+    assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all()
+    assert last_run_stats().eager_calls == 2  # inductor on the CPU: the eager fallback, in a real prompt

@@ -46,28 +46,44 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
     fp8_fused = False
 
     def fp8_has_weight_functions(self) -> bool:
-        """A LoRA applied at compute time (low-VRAM patches, weight wrappers) or offloading patches."""
+        """The host applies something to the weight at compute time (a LoRA in low-VRAM mode, weight wrappers)."""
         return (len(self.weight_function) > 0 or len(self.bias_function) > 0
                 or getattr(self, "weight_lowvram_function", None) is not None
                 or getattr(self, "bias_lowvram_function", None) is not None)
 
+    def fp8_resident(self, input: torch.Tensor) -> bool:
+        """Weight and bias already sit on the input's device and the host has nothing to do to them (no weight
+        functions, no dynamic-VRAM staging `_v`): the layer computes directly, without comfy.ops' cast helper
+        (whose per-call Python work is a large part of an eager SDXL step)."""
+        return (not hasattr(self, "_v") and not self.fp8_has_weight_functions()
+                and self.weight.device == input.device and (self.bias is None or self.bias.device == input.device))
+
+    def fp8_bias(self, input: torch.Tensor) -> torch.Tensor | None:
+        b = self.bias
+        return b if b is None or b.dtype == input.dtype else b.to(input.dtype)
+
 
 class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
     def forward_comfy_cast_weights(self, input, *args, **kwargs):
-        # weight functions need the upcast weight (exact LoRA in the compute dtype): the host's path
-        if not (self.fp8_fused and fp8ops.fused_applicable(input, self.weight)
-                and not self.fp8_has_weight_functions()):
-            return super().forward_comfy_cast_weights(input, *args, **kwargs)
-        # the host moves the fp8 weight to the input's device (offload streams included), no upcast
-        weight, bias, stream = comfy.ops.cast_bias_weight(self, input, dtype=self.weight.dtype,
-                                                          bias_dtype=input.dtype, offloadable=True)
-        out = fp8ops.fused_linear(input, weight, bias)
-        comfy.ops.uncast_bias_weight(self, weight, bias, stream)
-        return out
+        if self.fp8_resident(input):
+            return fp8ops.linear(input, self.weight, self.fp8_bias(input), fused=self.fp8_fused)
+        if self.fp8_fused and fp8ops.fused_applicable(input, self.weight) and not self.fp8_has_weight_functions():
+            # offloaded: the host brings the fp8 weight to the input's device (offload streams), no upcast
+            weight, bias, stream = comfy.ops.cast_bias_weight(self, input, dtype=self.weight.dtype,
+                                                              bias_dtype=input.dtype, offloadable=True)
+            out = fp8ops.fused_linear(input, weight, bias)
+            comfy.ops.uncast_bias_weight(self, weight, bias, stream)
+            return out
+        # weight functions need the upcast weight (a LoRA applied exactly in the compute dtype): the host's path
+        return super().forward_comfy_cast_weights(input, *args, **kwargs)
 
 
 class Fp8Conv2d(Fp8Layer, comfy.ops.manual_cast.Conv2d):
-    """fp8 storage; manual_cast's forward upcasts the weight to the input's dtype in cast_bias_weight."""
+    def forward_comfy_cast_weights(self, input, *args, **kwargs):
+        if self.fp8_resident(input):
+            return self._conv_forward(input, fp8ops.upcast(self.weight, input.dtype), self.fp8_bias(input))
+        # offloaded or patched at compute time: manual_cast upcasts in comfy.ops.cast_bias_weight
+        return super().forward_comfy_cast_weights(input, *args, **kwargs)
 
 
 _OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}

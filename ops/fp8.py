@@ -86,7 +86,7 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     big = torch.finfo(dtype).max
     if weight.dtype == dtype:
         return weight
-    w = weight if weight.is_floating_point() else weight.float()
+    w = weight.float() if is_fp8(weight.dtype) or not weight.is_floating_point() else weight  # fp8 has no clamp
     return w.clamp(-big, big).to(dtype)
 
 
@@ -236,8 +236,12 @@ def _kernels():
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
     tile = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(fp8_weight_matmul)
-    tuned = triton.autotune(configs=_autotune_configs(triton), key=["M", "N", "K"],
-                            prune_configs_by={"early_config_prune": _prune_configs})(tile)
+    tune = {"configs": _autotune_configs(triton), "key": ["M", "N", "K"],
+            "prune_configs_by": {"early_config_prune": _prune_configs}}
+    try:  # keep the tuning results on disk across processes (Triton >= 3.2)
+        tuned = triton.autotune(**tune, cache_results=True)(tile)
+    except TypeError:
+        tuned = triton.autotune(**tune)(tile)
     return tile, tuned
 
 

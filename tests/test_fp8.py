@@ -121,6 +121,7 @@ def test_quantize_rounds_to_nearest_and_saturates():
     err = (ofp8.quantize(fine, E4M3).float() - fine).abs() / fine.abs().clamp_min(2.0**-6)
     assert err.max() <= 2.0**-4 + 1e-6, f"expected nearest rounding (<= 1/16 relative), got {err.max():.4f}"
     assert ofp8.upcast(q, torch.float16).dtype == torch.float16
+    assert torch.equal(ofp8.quantize(q, E5M2).float(), ofp8.quantize(q.float(), E5M2).float()), "fp8 -> other fp8"
 
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])
@@ -237,6 +238,18 @@ def test_upcast_linear_compiles_fullgraph():
     fn = torch.compile(lambda x, w, b: ofp8.linear(x, w, b, fused=True), fullgraph=True, backend="eager")
     x, w8, b = torch.randn(3, 8), ofp8.quantize(torch.randn(4, 8), E4M3), torch.randn(4)
     assert torch.equal(fn(x, w8, b), F.linear(x, w8.float(), b))
+    torch._dynamo.reset()
+
+
+def test_fp8_layers_compile_fullgraph():
+    """The layers' forward (host cast + our routing) has no Python state that changes per call: it traces."""
+    for fused in (False, True):
+        ops = nfp8.fp8_operations(E4M3, fused)
+        lin, conv = ops.Linear(16, 8), ops.Conv2d(4, 8, 3, padding=1)
+        lin.load_state_dict(torch.nn.Linear(16, 8).state_dict())
+        conv.load_state_dict(torch.nn.Conv2d(4, 8, 3, padding=1).state_dict())
+        for mod, x in ((lin, torch.randn(3, 16)), (conv, torch.randn(1, 4, 8, 8))):
+            assert torch.equal(torch.compile(mod, fullgraph=True, backend="eager")(x), mod(x))
     torch._dynamo.reset()
 
 

@@ -146,6 +146,7 @@ class CompiledPath:
         self.device_type = dev.type
         self.problem = cops.compiler_problem(self.config, dev)
         if self.problem:
+            self.stats.fallbacks.append(self.problem)
             _log_once(f"problem:{self.problem}", logging.WARNING,
                       "SDXLOpt Compile: running eager (no compiled path): %s.", self.problem)
 

@@ -357,6 +357,49 @@ def test_a_new_resolution_compiles_once_and_known_ones_are_reused(plain_run, sma
     assert graphs8 == graphs12 == 0, f"expected known sizes reused, got {graphs8}, {graphs12} new graphs"
 
 
+def _cpu_tensors_in_graph(model, transformer_options: dict) -> list[str]:
+    """Trace the model's forward on the meta device (a stand-in for a GPU) with a capturing backend and list
+    the graph nodes that make CPU tensors: inductor skips CUDA graphs for a graph with any."""
+    import torch._dynamo
+
+    found = []
+
+    def backend(gm, example_inputs):
+        for n in gm.graph.nodes:
+            v = n.meta.get("example_value", n.meta.get("val"))
+            if torch.is_tensor(v) and v.device.type == "cpu":
+                frame = (n.meta.get("stack_trace") or "").strip().splitlines()
+                found.append(f"{n.target} at {frame[-2].strip() if len(frame) > 1 else '?'}")
+        return gm.forward
+
+    unet = model.model.diffusion_model.to("meta")  # a fresh model of this test, nobody else's
+    inp = {k: v.to("meta") for k, v in bridge.random_unet_inputs(0, 2, 16).items()}
+    topts = {**transformer_options, "optimized_attention_override": sdpa_attention_override}
+    fn = torch.compile(ocomp.fresh_function(ocomp._trampoline, "sdxlopt_meta_probe"), backend=backend,
+                       fullgraph=True)
+    with torch.no_grad():
+        fn(type(unet)._forward, (unet, inp["x"], inp["t"], inp["context"], inp["y"], None, topts), {})
+    return found
+
+
+FREEU_CPU_OPS = ("ops/freeu.py:130-131 (_real_basis) builds the Fourier basis with torch.tensor / torch.arange "
+                 "without device=, so under torch.compile they are CPU ops in the GPU graph and inductor skips "
+                 "CUDA graphs for the whole UNet; fix: pass device=device to both (see docs/nodes/compile.md)")
+
+
+@pytest.mark.parametrize("stack", [
+    "fp8",  # the fp8 layers' cast path plus every op of the plain forward
+    pytest.param("freeu", marks=pytest.mark.xfail(reason=FREEU_CPU_OPS, strict=False)),
+])
+def test_graph_has_no_cpu_ops_on_another_device_so_cuda_graphs_apply(stack):
+    model = fp8_model(0) if stack == "fp8" else factories.tiny_unet(0, unet_config=SMALL_UNET)
+    if stack == "freeu":
+        model = freeu(model)
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    found = _cpu_tensors_in_graph(model, {"patches": patches})
+    assert found == [], f"expected no CPU tensors in the {stack} graph (CUDA graphs would be skipped), got {found}"
+
+
 # ---------------------------------------------------------------- fallbacks
 
 def test_cpu_without_a_compiler_backend_runs_eager_with_one_log_line(small, caplog):

@@ -98,15 +98,36 @@ def _keepers(topts: dict) -> list:
     return objs
 
 
-def _kind(obj: Any) -> str:
+_SIMPLE = (int, float, str, bool, type(None))
+
+
+def _simple(v: Any) -> bool:
+    return isinstance(v, _SIMPLE) or (isinstance(v, tuple) and len(v) <= 64 and all(map(_simple, v)))
+
+
+def _cell(c: Any) -> Any:
+    try:
+        return c.cell_contents
+    except ValueError:  # an empty cell
+        return []
+
+
+def _kind(obj: Any) -> tuple:
+    """A patch by what it does: its type or function name, plus its plain settings (attribute or closure
+    values that the compiled graph bakes in as constants, e.g. FreeU's factors), never its identity."""
     f = obj if callable(obj) and hasattr(obj, "__qualname__") else type(obj)
-    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
+    name = f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
+    if hasattr(obj, "__code__"):
+        return name, tuple(v for v in map(_cell, obj.__closure__ or ()) if _simple(v))
+    attrs = tuple(sorted((k, v) for k, v in getattr(obj, "__dict__", {}).items() if _simple(v)))
+    return name, attrs
 
 
 def _patch_fingerprint(topts: dict) -> tuple:
-    """Which kinds of patches the forward runs (by type or function name, not identity or values) and the
-    transformer_options keys it sees: stacks that differ here get separate entries, so a patch that cannot
-    be compiled sends only its own stack to eager, and each entry's recompile budget stays small."""
+    """Which kinds of patches the forward runs (type or function name and plain settings, not identity) and
+    the transformer_options keys it sees: stacks that differ here get separate entries, so a patch that
+    cannot be compiled sends only its own stack to eager, and each entry's recompile budget (8 graphs per
+    dynamo cache) holds just the batches of one stack."""
     patches = tuple((k, tuple(_kind(p[1] if isinstance(p, tuple) else p) for p in v)
                      if isinstance(v, (list, tuple)) else _kind(v))
                     for k, v in sorted(topts.get("patches", {}).items()))
@@ -193,7 +214,7 @@ class CompiledPath:
             if self.config.warmup:
                 self._warm_variants(entry, fn, args, kwargs)
             ok, out = self._invoke(entry, fn, args, kwargs, first=True)
-            self._report_first_call(name, args)
+            self._report_first_call(name, args, kwargs)
         elif entry.failed is None:
             ok, out = self._invoke(entry, fn, args, kwargs, first=False)
         else:  # failed in an earlier run: straight to eager, and say why in this run's summary
@@ -223,7 +244,12 @@ class CompiledPath:
             return
         self.warmed.add(key)
         self._warm_variants(entry, fn, args, kwargs)
-        self._invoke(entry, fn, args, kwargs, first=True)
+        wkey = ("warm", cops.tensor_layout_key(args[1:], kwargs))
+        if wkey not in entry.warmed:  # an extra forward only the first time in this process
+            ok, _ = self._invoke(entry, fn, args, kwargs, first=True)
+            if ok:
+                entry.warmed.add(wkey)
+        self._report_first_call(name, args, kwargs)
 
     # --- helpers
 
@@ -257,7 +283,12 @@ class CompiledPath:
         if isinstance(topts.get("uuids"), list) and len(topts["uuids"]) == len(chunks):
             v_topts["uuids"] = [topts["uuids"][i] for i in keep]
         v_args, v_kwargs = _with_transformer_options(v_args, v_kwargs, v_topts)
-        self._invoke(entry, fn, v_args, v_kwargs, first=True)
+        vkey = ("variant", tuple(v_topts["cond_or_uncond"]), cops.tensor_layout_key(v_args[1:], v_kwargs))
+        if vkey in entry.warmed:  # compiled by an earlier run of this process: no extra forward
+            return
+        ok, _ = self._invoke(entry, fn, v_args, v_kwargs, first=True)
+        if ok:
+            entry.warmed.add(vkey)
 
     def _invoke(self, entry: cops.CompiledEntry, fn: Callable, args: tuple, kwargs: dict,
                 first: bool) -> tuple[bool, Any]:
@@ -306,9 +337,10 @@ class CompiledPath:
                 out = out.clone()
         return True, out
 
-    def _report_first_call(self, name: str, args: tuple) -> None:
+    def _report_first_call(self, name: str, args: tuple, kwargs: dict | None = None) -> None:
         if self._first_call_graphs:
-            x = next((a for a in args[1:] if torch.is_tensor(a)), None)
+            x = (kwargs or {}).get("x")
+            x = x if torch.is_tensor(x) else next((a for a in args[1:] if torch.is_tensor(a)), None)
             shape = "x".join(str(s) for s in x.shape[2:]) if x is not None else "?"
             log.info("SDXLOpt Compile: compiled the %s for a %s latent in %.1f s (%d graphs: every batch this run "
                      "needs, before the first step); later calls, runs and LoRA changes reuse it.",

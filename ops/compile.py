@@ -255,6 +255,7 @@ class CompiledEntry:
     compile_seconds: float = 0.0
     graphs: int = 0
     calls: int = 0
+    warmed: set = field(default_factory=set)  # warm-up inputs already compiled (no extra forward next run)
 
     def __call__(self, target: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         return self.fn(target, tuple(args), dict(kwargs))

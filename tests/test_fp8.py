@@ -253,6 +253,30 @@ def test_fp8_layers_compile_fullgraph():
     torch._dynamo.reset()
 
 
+def test_linear_routes_to_the_fused_kernel_unless_the_host_patches_the_weight(monkeypatch):
+    """Routing without a GPU: the fused kernel is stubbed; weight functions (a low-VRAM LoRA) force the host's
+    upcast path, so a patch is never applied to an fp8 weight."""
+    calls = []
+
+    def fake_fused(x, w, b=None):
+        calls.append(tuple(x.shape))
+        return F.linear(x, w.to(x.dtype), b)
+
+    monkeypatch.setattr(ofp8, "fused_applicable", lambda x, w: True)
+    monkeypatch.setattr(ofp8, "fused_linear", fake_fused)
+    src = torch.nn.Linear(16, 8)
+    x = torch.randn(32, 16)
+    lin = nfp8.fp8_operations(E4M3, fused=True).Linear(16, 8)
+    lin.load_state_dict(src.state_dict())
+    w = lin.weight.float()
+    assert torch.equal(lin(x), F.linear(x, w, src.bias)) and calls == [(32, 16)]
+    lin.weight_function = [lambda weight: weight * 2]  # what ModelPatcher attaches in low-VRAM mode
+    assert torch.allclose(lin(x), F.linear(x, 2 * w, src.bias)) and len(calls) == 1
+    plain = nfp8.fp8_operations(E4M3, fused=False).Linear(16, 8)
+    plain.load_state_dict(src.state_dict())
+    assert torch.equal(plain(x), F.linear(x, w, src.bias)) and len(calls) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # custom_operations on the tiny SDXL UNet (the node's core, without files)
 # ---------------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
 
     def fp8_has_weight_functions(self) -> bool:
         """The host applies something to the weight at compute time (a LoRA in low-VRAM mode, weight wrappers)."""
-        return (len(self.weight_function) > 0 or len(self.bias_function) > 0
+        return (bool(self.weight_function) or bool(self.bias_function)
                 or getattr(self, "weight_lowvram_function", None) is not None
                 or getattr(self, "bias_lowvram_function", None) is not None)
 

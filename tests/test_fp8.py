@@ -69,15 +69,20 @@ def tiny_fp8(seed: int = 0, dtype: torch.dtype = E4M3, fused: bool = False):
 
 
 def tiny_lora(patcher, seed: int, rank: int = 4, scale: float = 0.3) -> dict[str, torch.Tensor]:
-    """A kohya-format LoRA on every 2-D transformer weight of the tiny UNet (ComfyUI's own key map)."""
+    """A kohya-format LoRA on every 2-D transformer weight of the tiny UNet, one entry per weight, drawn in
+    sorted key order (ComfyUI's key map also lists diffusers-style aliases, in an order that varies by run)."""
     import comfy.lora
 
     gen = torch.Generator().manual_seed(seed)
     msd = patcher.model.state_dict()
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     lora = {}
-    for name, key in comfy.lora.model_lora_keys_unet(patcher.model, {}).items():
-        if not name.startswith("lora_unet_") or "transformer_blocks" not in name or msd[key].ndim != 2:
+    for key in sorted(msd):
+        if not (key.startswith("diffusion_model.") and key.endswith(".weight") and "transformer_blocks" in key
+                and msd[key].ndim == 2):
             continue
+        name = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+        assert key_map.get(name) == key, f"expected ComfyUI to map {name} to {key}, got {key_map.get(name)}"
         out_f, in_f = msd[key].shape
         lora[f"{name}.lora_down.weight"] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
         lora[f"{name}.lora_up.weight"] = torch.randn(out_f, rank, generator=gen) * scale / rank**0.5
@@ -385,7 +390,8 @@ def test_lora_after_the_loader_takes_effect_like_on_fp32(tiny, capsys):
                                         f"the fp8 error ({model_err / scale:.3f} of the output), got {dev / scale:.3f}")
         cos = float(F.cosine_similarity(d8.flatten(), d32.flatten(), dim=0))
         with capsys.disabled():
-            print(f"\n[fp8 LoRA] {path.__name__}: effect fp8/fp32 {effect8 / effect32:.3f}, max|d8-d32| "
+            print(f"\n[fp8 LoRA] {path.__name__}: LoRA effect {effect32 / scale:.3f} of the output, fp8/fp32 "
+                  f"{effect8 / effect32:.3f}, max|d8-d32| "
                   f"{dev / scale:.3f} of the output (fp8 model error {model_err / scale:.3f}), direction cos {cos:.3f}")
         assert cos > 0.9, f"{path.__name__}: LoRA direction cos {cos:.3f}"
         # the base clone is untouched: weights restored bitwise, output identical

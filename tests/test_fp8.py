@@ -423,7 +423,7 @@ def tiny_detection(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
+def model_files(tmp_path_factory, tiny):
     """Tiny model files in fresh folders registered as ComfyUI's checkpoints / diffusion_models / loras."""
     import folder_paths
     from safetensors.torch import save_file
@@ -432,7 +432,7 @@ def model_files(tmp_path_factory):
     dirs = {k: root / k for k in ("checkpoints", "diffusion_models", "loras")}
     for d in dirs.values():
         d.mkdir()
-    unet = factories.tiny_unet(0)
+    unet = tiny["fp32"]
     usd = {k: v.contiguous() for k, v in unet.model.diffusion_model.state_dict().items()}
     vae = factories.tiny_taesd_state_dict(2)
     files = {

@@ -208,11 +208,19 @@ class CompiledPath:
         if why is not None:
             self.stats.eager_calls += 1
             return eager()
-        entry, key = self._entry(name, fn, args, kwargs)
+        try:
+            entry, key = self._entry(name, fn, args, kwargs)
+        except Exception as e:  # our own bookkeeping must never fail the image either
+            self._plumbing_failed("preparing the compiled call", e)
+            self.stats.eager_calls += 1
+            return eager()
         if entry.failed is None and key not in self.warmed:
             self.warmed.add(key)
             if self.config.warmup:
-                self._warm_variants(entry, fn, args, kwargs)
+                try:
+                    self._warm_variants(entry, fn, args, kwargs)
+                except Exception as e:  # no warm-up: that batch compiles when it first comes, still correct
+                    self._plumbing_failed("the warm-up of the cond-only batch", e)
             ok, out = self._invoke(entry, fn, args, kwargs, first=True)
             self._report_first_call(name, args, kwargs)
         elif entry.failed is None:
@@ -228,6 +236,13 @@ class CompiledPath:
         self.stats.compiled_calls += 1
         return out
 
+    def _plumbing_failed(self, what: str, e: Exception) -> None:
+        reason = f"{what} failed ({cops.root_cause(e)})"
+        if reason not in self.stats.warned:
+            self.stats.warned.add(reason)
+            self.stats.fallbacks.append(reason)
+            log.warning("SDXLOpt Compile: %s; that call runs eager. Please report this with the log.", reason)
+
     def region(self, name: str, fn: Callable) -> Callable:
         """fn on the compiled path, for a patch's own sub-forward (fn(module, ...)); eager on any failure."""
         def run(*args, **kwargs):
@@ -239,17 +254,20 @@ class CompiledPath:
         discarding the output; a no-op when already compiled this run or when the path is eager."""
         if self._eager_reason(args, kwargs) is not None:
             return
-        entry, key = self._entry(name, fn, args, kwargs)
-        if entry.failed is not None or key in self.warmed:
-            return
-        self.warmed.add(key)
-        self._warm_variants(entry, fn, args, kwargs)
-        wkey = ("warm", cops.tensor_layout_key(args[1:], kwargs))
-        if wkey not in entry.warmed:  # an extra forward only the first time in this process
-            ok, _ = self._invoke(entry, fn, args, kwargs, first=True)
-            if ok:
-                entry.warmed.add(wkey)
-        self._report_first_call(name, args, kwargs)
+        try:
+            entry, key = self._entry(name, fn, args, kwargs)
+            if entry.failed is not None or key in self.warmed:
+                return
+            self.warmed.add(key)
+            self._warm_variants(entry, fn, args, kwargs)
+            wkey = ("warm", cops.tensor_layout_key(args[1:], kwargs))
+            if wkey not in entry.warmed:  # an extra forward only the first time in this process
+                ok, _ = self._invoke(entry, fn, args, kwargs, first=True)
+                if ok:
+                    entry.warmed.add(wkey)
+            self._report_first_call(name, args, kwargs)
+        except Exception as e:  # a warm-up is an optimization: never fail the image over it
+            self._plumbing_failed(f"the warm-up of {name}", e)
 
     # --- helpers
 

@@ -127,8 +127,11 @@ _BASES: dict[tuple[int, int, str], torch.Tensor] = {}
 
 def _real_basis(n: int, threshold: int, device: torch.device) -> torch.Tensor:
     """(4K, n) fp32: cos and sin rows of the masked frequencies, then the same rotated ([sin; -cos])."""
-    k = torch.tensor(masked_frequencies(n, threshold), dtype=torch.float64)
-    angle = (2 * math.pi / n) * torch.outer(k, torch.arange(n, dtype=torch.float64))
+    # built on `device`: under torch.compile a CPU tensor here would put CPU ops in the GPU graph (no CUDA graphs)
+    wide = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+    c, rows = n // 2, range(n)[slice(n // 2 - threshold, n // 2 + threshold)]  # as masked_frequencies, a range
+    k = (torch.arange(rows.start, rows.stop, rows.step, dtype=wide, device=device) - c) % n
+    angle = (2 * math.pi / n) * torch.outer(k, torch.arange(n, dtype=wide, device=device))
     cos, sin = torch.cos(angle), torch.sin(angle)
     return torch.cat((cos, sin, sin, -cos)).to(device=device, dtype=torch.float32)
 

@@ -389,7 +389,7 @@ FREEU_CPU_OPS = ("ops/freeu.py:130-131 (_real_basis) builds the Fourier basis wi
 
 @pytest.mark.parametrize("stack", [
     "fp8",  # the fp8 layers' cast path plus every op of the plain forward
-    pytest.param("freeu", marks=pytest.mark.xfail(reason=FREEU_CPU_OPS, strict=False)),
+    "freeu",
 ])
 def test_graph_has_no_cpu_ops_on_another_device_so_cuda_graphs_apply(stack):
     model = fp8_model(0) if stack == "fp8" else factories.tiny_unet(0, unet_config=SMALL_UNET)

@@ -182,6 +182,10 @@ def unknown_unet_patches(transformer_options: dict) -> list[str]:
     return sorted(set(transformer_options.get("patches", {})) - UNET_PATCHES - BLOCK_PATCHES)
 
 
+COMPILE_KEY = "sdxlopt_compile"  # nodes/compile.py's transformer_options entry (its CompiledPath for the run)
+SHALLOW_REGION = "deepcache_shallow"
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
     """Per UNet call: shallow when the schedule says so and every chunk has cached features, else full (and
     cache the features)."""
@@ -208,8 +212,10 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         cached = state.lookup(keys, x)
         if cached is not None:
             state.count(shallow=True)
-            return shallow_unet_forward(unet, cached.to(x.dtype), n_input, first_output,
-                                        transformer_index_before_output(unet, first_output), **call, **extra)
+            compiled = topts.get(COMPILE_KEY)  # SDXLOpt Compile on the model: the shallow forward is compiled too
+            forward = shallow_unet_forward if compiled is None else compiled.region(SHALLOW_REGION, shallow_unet_forward)
+            return forward(unet, cached.to(x.dtype), n_input, first_output,
+                           transformer_index_before_output(unet, first_output), **call, **extra)
 
     sink = [first_output, None]
     patches = dict(topts.get("patches", {}))
@@ -218,6 +224,11 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     out = executor(*(call.get(n) for n in ARG_NAMES), **extra)
     if sink[1] is not None:
         state.store(keys, x, sink[1])
+        compiled = topts.get(COMPILE_KEY)
+        if compiled is not None and not unknown:  # compile the shallow path now, not in the middle of sampling
+            compiled.warm(SHALLOW_REGION, shallow_unet_forward, unet, sink[1].to(x.dtype), n_input, first_output,
+                          transformer_index_before_output(unet, first_output), **{**call, "transformer_options": topts},
+                          **extra)
     state.count(shallow=False)
     return out
 

@@ -73,6 +73,12 @@ def check_sizes(tile_size: int, overlap: int, node: str) -> None:
                          f"{tile_size // 2 // 8 * 8}.")
 
 
+def fit_overlap(overlap: int, height: int, width: int) -> int:
+    """The overlap (latent px) for an image of this size: an image no larger than two overlaps fits in one
+    tile, where there is no seam to blend, so the overlap shrinks to half the image instead of failing."""
+    return min(overlap, max(height, width) // 2)
+
+
 def choose_tile(vae, stages, height: int, width: int, tile: int, overlap: int, decoding: bool) -> int:
     """Tile side in latent px: `tile`, or when 0 (auto) what fits the free VRAM; loads the VAE either way."""
     dtype_size = torch.finfo(vae.vae_dtype).bits // 8
@@ -140,12 +146,13 @@ class TiledVAEDecode(io.ComfyNode):
         fsm = vae.first_stage_model
         s = scale_factor(fsm.decoder)
         stages = decoder_stages(fsm.decoder, getattr(fsm, "post_quant_conv", None))
-        tile = choose_tile(vae, stages, z.shape[2], z.shape[3], tile_size // s, overlap // s, decoding=True)
+        ov = fit_overlap(overlap // s, z.shape[2], z.shape[3])
+        tile = choose_tile(vae, stages, z.shape[2], z.shape[3], tile_size // s, ov, decoding=True)
         progress, images = Progress(z.shape[0]), []
         for i in range(z.shape[0]):
             progress.index = i
             x = z[i:i + 1].to(device=vae.device, dtype=vae.vae_dtype)
-            out = decode_tiled(fsm.decoder, x, tile, overlap // s, groupnorm,
+            out = decode_tiled(fsm.decoder, x, tile, ov, groupnorm,
                                post_quant_conv=getattr(fsm, "post_quant_conv", None), progress=progress)
             images.append(vae.process_output(out).to(vae.output_device))
         return io.NodeOutput(torch.cat(images).movedim(1, -1))
@@ -205,13 +212,14 @@ class TiledVAEEncode(io.ComfyNode):
         fsm = vae.first_stage_model
         s = scale_factor(fsm.encoder)
         stages = encoder_stages(fsm.encoder, getattr(fsm, "quant_conv", None))
-        tile = choose_tile(vae, stages, pixels.shape[1] // s, pixels.shape[2] // s, tile_size // s, overlap // s,
+        ov = fit_overlap(overlap // s, pixels.shape[1] // s, pixels.shape[2] // s)
+        tile = choose_tile(vae, stages, pixels.shape[1] // s, pixels.shape[2] // s, tile_size // s, ov,
                            decoding=False)
         progress, latents = Progress(pixels.shape[0]), []
         for i in range(pixels.shape[0]):
             progress.index = i
             x = vae.process_input(pixels[i:i + 1, :, :, :3].movedim(-1, 1)).to(device=vae.device, dtype=vae.vae_dtype)
-            moments = encode_tiled(fsm.encoder, x, tile, overlap // s, groupnorm,
+            moments = encode_tiled(fsm.encoder, x, tile, ov, groupnorm,
                                    quant_conv=getattr(fsm, "quant_conv", None), progress=progress)
             z = fsm.regularization(moments)[0] if hasattr(fsm, "regularization") else moments.chunk(2, 1)[0]
             latents.append(z.float().to(vae.output_device))

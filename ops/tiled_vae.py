@@ -63,23 +63,53 @@ class Tile:
     cx1: int
 
 
-def plan_1d(size: int, window: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """Evenly spaced windows covering [0, size), neighbours sharing >= `overlap`: (start, end, core_start, core_end)."""
-    if window >= size:
+def plan_axis(size: int, n: int, window: int) -> list[tuple[int, int, int, int]]:
+    """`n` evenly spaced windows of `window` over [0, size): (start, end, core_start, core_end); cores split overlaps."""
+    if n == 1 or window >= size:
         return [(0, size, 0, size)]
-    n = math.ceil((size - overlap) / (window - overlap))
     starts = [round(i * (size - window) / (n - 1)) for i in range(n)]
     ends = [s + window for s in starts]
     cuts = [0] + [(starts[i + 1] + ends[i]) // 2 for i in range(n - 1)] + [size]
     return [(starts[i], ends[i], cuts[i], cuts[i + 1]) for i in range(n)]
 
 
-def plan_tiles(height: int, width: int, window: int, overlap: int) -> list[Tile]:
-    """Row-major grid of windows over a height x width latent, neighbours sharing >= `overlap` latent px."""
-    if window <= overlap:
-        raise ValueError(f"expected a tile window larger than the shared border, got window {window} and "
-                         f"border {overlap} latent px. Fix: raise the tile size or lower the overlap.")
-    rows, cols = plan_1d(height, window, overlap), plan_1d(width, window, overlap)
+def plan_1d(size: int, window: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Fewest windows of `window` covering [0, size) with neighbours sharing >= `overlap`."""
+    if window >= size:
+        return [(0, size, 0, size)]
+    return plan_axis(size, math.ceil((size - overlap) / (window - overlap)), window)
+
+
+def _span(size: int, n: int, shared: int) -> int:
+    """Window length so that n windows cover `size` with neighbours sharing `shared`."""
+    return size if n == 1 else math.ceil((size + (n - 1) * shared) / n)
+
+
+def plan_grid(height: int, width: int, area: int, shared: int, edge: float = 0.0) -> list[Tile] | None:
+    """A rows x cols grid of windows of at most `area` latent px each, neighbours sharing >= `shared`: the least
+    total window area (compute) plus `edge` x total window perimeter (edge effects); rectangular windows when that
+    is less. None when no window can be that small."""
+    if height * width <= area:
+        return [Tile(0, height, 0, width, 0, height, 0, width)]
+    best = None
+    for ny in range(1, height + 1):
+        wy = _span(height, ny, shared)
+        if ny > 1 and wy <= shared:
+            break
+        max_wx = area // wy
+        if max_wx <= shared and max_wx < width:
+            continue
+        nx = 1 if width <= max_wx else math.ceil((width - shared) / (max_wx - shared))
+        while _span(width, nx, shared) > max_wx:
+            nx += 1
+        wx = _span(width, nx, shared)
+        cost = (ny * wy * nx * wx + edge * 2 * (ny * nx) * (wy + wx), ny * nx)
+        if best is None or cost < best[0]:
+            best = (cost, ny, wy, nx, wx)
+    if best is None:
+        return None
+    _, ny, wy, nx, wx = best
+    rows, cols = plan_axis(height, ny, wy), plan_axis(width, nx, wx)
     return [Tile(y0, y1, x0, x1, cy0, cy1, cx0, cx1) for (y0, y1, cy0, cy1) in rows for (x0, x1, cx0, cx1) in cols]
 
 
@@ -362,24 +392,24 @@ class Plan:
 
     whole: list[Stage]  # decode: run first on the whole latent; encode: run last
     tiled: list[Stage]
-    tiles: list[Tile]
+    tiles: list[Tile]  # the output pass: neighbours share overlap + 2 x margin
+    record_tiles: list[Tile]  # first statistics pass (per-tile normalization): the largest tiles, no overlap
+    refine_tiles: list[Tile]  # further statistics passes: neighbours share 2 x margin (exact inputs at the cores)
     margin: int  # latent px each window reaches past its core into its neighbours (receptive radius)
     fade: int  # latent px of cross-fade between neighbouring cores
-    window: int  # tile window side, latent px
     peak_bytes: int  # estimated peak activation memory
-
-    @property
-    def passes(self) -> int:
-        return len(self.tiles) if len(self.tiles) > 1 else 0
 
 
 def plan(stages: list[Stage], height: int, width: int, tile: int, overlap: int, dtype_size: int,
          decoding: bool) -> Plan:
-    """Split the stages into a whole-image part and a tiled part for tiles of `tile` latent px (the memory unit)."""
+    """Split the stages into a whole-image part and a tiled part, and lay out the tiles.
+
+    `tile` is the memory unit: windows hold at most tile x tile latent px (rectangular when that computes less),
+    and a stage runs on the whole image when its whole-image activations fit in what one such window holds.
+    """
     check_tiling(tile, overlap)
     area = height * width
-    per_px = max(s.cost for s in stages)
-    budget = per_px * tile * tile  # what one tile window of the highest-resolution stage holds
+    budget = max(s.cost for s in stages) * tile * tile  # what one window of the highest-resolution stage holds
     order = stages if decoding else stages[::-1]  # the whole-image part grows from the latent end
     n_whole = 0
     for s in order:
@@ -387,24 +417,30 @@ def plan(stages: list[Stage], height: int, width: int, tile: int, overlap: int, 
             n_whole += 1
         else:
             break
-    if n_whole == len(stages) or tile >= max(height, width):
+    if n_whole == len(stages) or area <= tile * tile:
         peak = int(max(s.cost for s in stages) * area * dtype_size * ALLOCATOR_SLACK)
-        return Plan(list(stages), [], [Tile(0, height, 0, width, 0, height, 0, width)], 0, 0, max(height, width), peak)
+        one = [Tile(0, height, 0, width, 0, height, 0, width)]
+        return Plan(list(stages), [], one, one, one, 0, 0, peak)
     whole, tiled = order[:n_whole], order[n_whole:]
     if not decoding:
         whole, tiled = whole[::-1], tiled[::-1]
     margin = math.ceil(sum(s.radius for s in tiled) - 1e-9)
-    if tile <= overlap + 2 * margin:
+    tiles = plan_grid(height, width, tile * tile, overlap + 2 * margin) if tile > overlap + 2 * margin else None
+    if tiles is None:
         raise ValueError(f"expected a tile larger than overlap + 2 x {margin} latent px (the convolutions' reach "
                          f"past a tile edge in this VAE), got tile {tile} and overlap {overlap}. Fix: raise the "
                          f"tile size to at least {(overlap + 2 * margin + 8) * 8} px or lower the overlap.")
-    tiles = plan_tiles(height, width, tile, overlap + 2 * margin)
-    work = max(max(s.cost for s in tiled) * tile * tile, max(s.cost for s in whole) * area)
+    # per-tile statistics estimate the whole image's better the larger the tile, while an edge band read from
+    # zero padding biases them little; once the statistics are shared, exact inputs at the cores matter more
+    record_tiles = plan_grid(height, width, tile * tile, 0, edge=margin)
+    refine_tiles = plan_grid(height, width, tile * tile, 2 * margin)
+    window = max((t.y1 - t.y0) * (t.x1 - t.x0) for t in tiles + record_tiles + refine_tiles)
+    work = max(max(s.cost for s in tiled) * window, max(s.cost for s in whole) * area)
     handoff = (whole[-1] if decoding else tiled[-1])  # kept whole while the tiles run: input, or fp32 blend buffer
     kept = handoff.channels * handoff.scale ** 2 * area * (dtype_size if decoding else 4)
     blend = tiled[-1].channels * tiled[-1].scale ** 2 * area * 4 if decoding else 0
     peak = int(work * dtype_size * ALLOCATOR_SLACK) + kept + blend
-    return Plan(whole, tiled, tiles, margin, overlap, tile, peak)
+    return Plan(whole, tiled, tiles, record_tiles, refine_tiles, margin, overlap, peak)
 
 
 def auto_tile(stages: list[Stage], height: int, width: int, overlap: int, dtype_size: int, budget_bytes: float,
@@ -442,16 +478,15 @@ def _run_tiled(p: Plan, h: torch.Tensor, height: int, width: int, in_scale: int,
                progress: Progress | None) -> torch.Tensor:
     """Run the tiled stages over the tiles and blend the outputs; first `stat_passes` passes of GroupNorm statistics.
 
-    0: every tile normalizes with its own statistics (one pass). 1: a first pass over plain, non-overlapping tiles
-    records whole-image statistics (with per-tile normalization upstream, so an estimate); the output pass applies
-    them. 2+: each further pass normalizes with the last estimate while recording a better one.
+    0: every tile normalizes with its own statistics (one pass). 1: a first pass records whole-image statistics on
+    the tile cores (with per-tile normalization upstream, so an estimate); the output pass applies them. 2+: each
+    further pass normalizes with the last estimate while recording a better one.
     """
     if stat_passes < 0:
         raise ValueError(f"expected stat_passes >= 0, got {stat_passes}")
     out_scale = p.tiled[-1].scale
-    first = plan_tiles(height, width, p.window, 0)
     norm = GroupNormStats()
-    total = (len(first) if stat_passes else 0) + max(stat_passes - 1, 0) * len(p.tiles) + len(p.tiles)
+    total = (len(p.record_tiles) if stat_passes else 0) + max(stat_passes - 1, 0) * len(p.refine_tiles) + len(p.tiles)
     done = 0
 
     def run(t: Tile) -> torch.Tensor:
@@ -468,7 +503,7 @@ def _run_tiled(p: Plan, h: torch.Tensor, height: int, width: int, in_scale: int,
     try:
         for i in range(stat_passes):
             norm.mode = "record" if i == 0 else "refine"
-            for t in first if i == 0 else p.tiles:
+            for t in p.record_tiles if i == 0 else p.refine_tiles:
                 run(t)
             norm.finish_pass()
         norm.mode = "apply" if stat_passes else "tile"

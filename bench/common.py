@@ -63,7 +63,9 @@ class BenchContext:
 
         if av_stub.install():
             print("[bench] PyAV missing: using a stub (video nodes unused here)", flush=True)
-        self.host = comfy_inprocess.boot(cpu=self.small or not torch.cuda.is_available())
+        # small mode runs workflows with the tiny test model, which lives in a test-only node folder
+        tiny_nodes = (ROOT / "tests" / "host_nodes" / "tinymodels",) if self.small else ()
+        self.host = comfy_inprocess.boot(cpu=self.small or not torch.cuda.is_available(), extra_node_dirs=tiny_nodes)
         import comfy.model_management as mm
 
         self.device = mm.get_torch_device()
@@ -160,7 +162,7 @@ class BenchContext:
         row = {"case": case, "name": name}
         if m is not None:
             steps = steps or self.steps
-            row.update(s_per_image=round(m.seconds, 4), s_per_step=round(m.seconds / steps, 5),
+            row.update(steps=steps, s_per_image=round(m.seconds, 4), s_per_step=round(m.seconds / steps, 5),
                        peak_vram_gib=round(m.peak_gib, 3), runs_s=[round(t, 4) for t in m.all_seconds])
         row.update(extra)
         self.rows.append(row)

@@ -130,6 +130,13 @@ def ensure_checkpoint(ctx: BenchContext, checkpoint: Path | None) -> str:
     """Register the checkpoint's folder with ComfyUI and return the name the loaders will see."""
     import folder_paths
 
+    from tinymodels.factories import write_taesd_pair
+
+    # the fastest tier's Tiny VAE: TAESD-XL's architecture with random weights (its cost is the real one)
+    approx = Path("/tmp/sdxlopt_bench/vae_approx")
+    if not (approx / "taesdxl_decoder.pth").exists():
+        write_taesd_pair(approx, "taesdxl")
+    folder_paths.add_model_folder_path("vae_approx", str(approx))
     if checkpoint is not None:
         folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent.resolve()), is_default=True)
         return checkpoint.name
@@ -162,7 +169,7 @@ def run_all(ctx: BenchContext, checkpoint: Path | None = None, only: list[str] |
     rows = []
     for tier in tiers:
         r = results[tier.name]
-        extra = {"card_gib": tier.emulate_gib, "steps": r.steps, "target": tier.target}
+        extra = {"card_gib": tier.emulate_gib, "target": tier.target}
         if base is not None:
             extra["x_vs_baseline_s_per_step"] = round(base.s_per_step / r.s_per_step, 2)
             extra.update(fidelity(r.latent, base.latent))

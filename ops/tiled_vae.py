@@ -8,12 +8,16 @@ first two show as colour shifts and grid patterns, the third as seams.
 Here the network is a list of stages (conv_in + mid block, each resolution level's resnets, each up/down
 sample, the output head). The low-resolution stages, where activations are small, run once on the whole latent:
 always the mid block with its attention, plus every further stage whose whole-image activations fit in the
-memory one tile takes. Only the high-resolution stages run per tile. Tile windows reach past their core by the
-receptive radius of the tiled stages (so convolutions see real neighbours), and neighbouring cores cross-fade
-over `overlap`. With `groupnorm="global"`, a first pass over the tiles records each tiled GroupNorm's per-group
-mean and variance on the tile cores and merges them into whole-image statistics (Chan's parallel variance); the
-second pass normalizes every tile with those. The first pass normalizes per tile, so its statistics are a close
-estimate, not exact; every tile shares them, so there is nothing for a seam to come from.
+memory one tile takes. Only the high-resolution stages run per tile, on windows of at most tile x tile latent
+pixels (rectangular when that computes less). Windows reach past their core by the receptive radius of the
+tiled stages, so convolutions see real neighbours, and neighbouring cores cross-fade over `overlap`.
+
+GroupNorm ("global" modes): a first pass over large plain tiles records each tiled GroupNorm's per-group mean
+and variance on the tile cores and merges them into whole-image statistics (Chan's parallel variance). It
+normalizes per tile while doing so, so deeper layers' statistics are an estimate; a refine pass normalizes
+with the estimate while recording a better one ("global": 2 passes, "global_fast": 1). The output pass then
+normalizes every tile with the same statistics, so nothing differs from tile to tile: no seam, no colour step.
+With exact statistics a tile computes what the full decode computes at its core, to float rounding.
 
 Walks the module structure of ComfyUI's comfy/ldm/modules/diffusionmodules/model.py (Encoder, Decoder,
 ResnetBlock, AttnBlock, Upsample, Downsample; ComfyUI 0.3.75) by attribute name and calls its own submodules;
@@ -407,8 +411,9 @@ def plan(stages: list[Stage], height: int, width: int, tile: int, overlap: int, 
     `tile` is the memory unit: windows hold at most tile x tile latent px (rectangular when that computes less),
     and a stage runs on the whole image when its whole-image activations fit in what one such window holds.
     """
-    check_tiling(tile, overlap)
     area = height * width
+    if area > tile * tile:  # an image that fits one tile needs no overlap, whatever it is set to
+        check_tiling(tile, overlap)
     budget = max(s.cost for s in stages) * tile * tile  # what one window of the highest-resolution stage holds
     order = stages if decoding else stages[::-1]  # the whole-image part grows from the latent end
     n_whole = 0

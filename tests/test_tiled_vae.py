@@ -154,6 +154,16 @@ def test_node_decode_and_encode_match_core(vae, latent):
         assert (enc.result[0]["samples"] - vae.encode(image)).abs().max() < 1e-4
 
 
+def test_an_image_smaller_than_the_overlaps_is_one_tile(vae):
+    z = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        ref = vae.decode(z)
+        for tile_size in (0, 128):
+            out = nv.TiledVAEDecode.execute(samples={"samples": z}, vae=vae, tile_size=tile_size, overlap=64,
+                                            groupnorm="global").result[0]
+            assert (out - ref).abs().max() < 1e-4
+
+
 def test_auto_tile_follows_the_budget(vae):
     fsm = vae.first_stage_model
     stages = tv.decoder_stages(fsm.decoder, fsm.post_quant_conv)

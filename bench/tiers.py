@@ -161,13 +161,22 @@ def run_all(ctx: BenchContext, checkpoint: Path | None = None, only: list[str] |
     ckpt = ensure_checkpoint(ctx, checkpoint)
     tiers = [t for t in make_workflows.TIERS if only is None or t.name in only or t.name == BASELINE]
     results: dict[str, TierResult] = {}
+    failed: dict[str, str] = {}
     for tier in tqdm(tiers, desc="tiers", unit="workflow"):
         wf = json.loads((ROOT / "workflows" / f"{tier.name}.json").read_text()) if tier.shipped else \
             tier.build().to_ui(__import__("workflow_graph").node_defs())
-        results[tier.name] = run_tier(ctx, tier.name, wf, None if ctx.small else tier.emulate_gib, ckpt)
+        try:
+            results[tier.name] = run_tier(ctx, tier.name, wf, None if ctx.small else tier.emulate_gib, ckpt)
+        except Exception as e:  # one failing tier must not lose the others' figures
+            failed[tier.name] = f"FAILED: {type(e).__name__}: {e}"[:300]
+            print(f"[tiers] {tier.name}: {failed[tier.name]}", flush=True)
     base = results.get(BASELINE)
     rows = []
     for tier in tiers:
+        if tier.name in failed:
+            rows.append(ctx.add_row("tiers", tier.name, card_gib=tier.emulate_gib, target=tier.target,
+                                    notes=failed[tier.name]))
+            continue
         r = results[tier.name]
         extra = {"card_gib": tier.emulate_gib, "target": tier.target}
         if base is not None:

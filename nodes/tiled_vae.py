@@ -28,7 +28,7 @@ from . import CATEGORY
 
 log = logging.getLogger(__name__)
 
-AUTO_BUDGET = 0.75  # share of the free VRAM (after loading the VAE) that auto tiling may fill
+AUTO_BUDGET = 0.5  # share of the free VRAM (after loading the VAE) that auto tiling may fill (margin: conv workspaces)
 MIN_AUTO_TILE = 64  # latent px (512 px): the memory asked of ComfyUI up front when tiling is auto
 
 
@@ -89,6 +89,9 @@ def choose_tile(vae, stages, height: int, width: int, tile: int, overlap: int, d
         return tile
     free = mm.get_free_memory(vae.device)
     tile = auto_tile(stages, height, width, overlap, dtype_size, free * AUTO_BUDGET, decoding)
+    # ask ComfyUI to make room for the chosen plan too (it may offload the UNet), with margin for conv workspaces
+    chosen = plan(stages, height, width, tile, overlap, dtype_size, decoding=decoding)
+    mm.load_models_gpu([vae.patcher], memory_required=int(chosen.peak_bytes / AUTO_BUDGET))
     log.debug("SDXLOpt tiled VAE: auto tile %d latent px (free %.2f GiB)", tile, free / 1024**3)
     return tile
 

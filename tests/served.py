@@ -50,12 +50,20 @@ class Served:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
+def _write_taesd_pair(folder: Path) -> None:
+    from tinymodels.factories import write_taesd_pair
+
+    write_taesd_pair(folder, "taesdxl")
+
+
 @contextlib.contextmanager
 def serve(comfy_dir: Path, tmp: Path) -> Iterator[Served]:
     """Run main.py from `comfy_dir` with working files under `tmp`; yields once /system_stats answers,
     stops the server on exit. Fails the test (with the server's log) if it exits or does not answer."""
     extra = tmp / "extra_model_paths.yaml"
-    extra.write_text(f"sdxlopt_tests:\n  custom_nodes: {TESTS / 'host_nodes'}\n")
+    approx = tmp / "vae_approx"  # the fastest workflow's Tiny VAE pair (random TAESD-XL weights)
+    _write_taesd_pair(approx)
+    extra.write_text(f"sdxlopt_tests:\n  custom_nodes: {TESTS / 'host_nodes'}\n  vae_approx: {approx}\n")
     user_dir = tmp / "user"
     user_dir.mkdir(exist_ok=True)
     port = free_port()

@@ -276,7 +276,8 @@ FUSED_TOOLTIP = (
     "On: Linear layers multiply with a fused Triton kernel that reads the fp8 weights directly, where it can "
     "run (CUDA GPU of compute capability 8.9+, i.e. RTX 40xx / Ada / Hopper, with Triton); elsewhere the "
     "per-layer upcast is used and the log says why. Off: always the per-layer upcast (storage only). "
-    "Both give the same result within fp16 rounding.")
+    "Both give the same result within fp16 rounding. Default off: on an H200 the fused kernel measured slower "
+    "than upcast + cuBLAS (bench/results/gpu_core.md).")
 
 
 def _advanced(inp):
@@ -294,7 +295,7 @@ def _dtype_input() -> io.Combo.Input:
 
 
 def _fused_input() -> io.Boolean.Input:
-    return _advanced(io.Boolean.Input("fused_matmul", default=True, tooltip=FUSED_TOOLTIP))
+    return _advanced(io.Boolean.Input("fused_matmul", default=False, tooltip=FUSED_TOOLTIP))
 
 
 class Fp8CheckpointLoader(io.ComfyNode):

@@ -18,6 +18,21 @@ def server(host, tmp_path_factory):
         yield served.base
 
 
+def queue_and_wait(server: str, prompt: dict, timeout: float = 180) -> dict:
+    """POST the prompt to /prompt and return its /history entry once the host reports it completed."""
+    req = urllib.request.Request(server + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        prompt_id = json.loads(r.read())["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = get(f"{server}/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            return hist[prompt_id]
+        time.sleep(0.5)
+    raise AssertionError(f"prompt {prompt_id} did not complete within {timeout} s")
+
+
 def test_object_info_lists_the_pack_nodes(server):
     info = get(server + "/object_info", timeout=60)
     ours = sorted(k for k in info if k.startswith("SDXLOpt") and not k.startswith("SDXLOptTest"))
@@ -49,17 +64,7 @@ def test_prompt_queued_over_http_samples_and_saves_an_image(server):
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "sdxlopt_test"}},
     }
-    req = urllib.request.Request(server + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        prompt_id = json.loads(r.read())["prompt_id"]
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        hist = get(f"{server}/history/{prompt_id}")
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            break
-        time.sleep(0.5)
-    entry = hist[prompt_id]
+    entry = queue_and_wait(server, prompt)
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = entry["outputs"]["7"]["images"]
     assert images and images[0]["filename"].startswith("sdxlopt_test")
@@ -78,18 +83,7 @@ def test_each_shipped_workflow_queued_over_http_gives_an_image(server, path):
     from tinymodels.substitution import tiny_prompt
 
     prompt = tiny_prompt(ui_to_api(json.loads(path.read_text()), node_defs()))
-    req = urllib.request.Request(server + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        prompt_id = json.loads(r.read())["prompt_id"]
-    deadline = time.time() + 180
-    hist = {}
-    while time.time() < deadline:
-        hist = get(f"{server}/history/{prompt_id}")
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            break
-        time.sleep(0.5)
-    entry = hist[prompt_id]
+    entry = queue_and_wait(server, prompt)
     assert entry["status"]["status_str"] == "success", entry["status"]
     savers = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
     if savers:

@@ -14,11 +14,11 @@ tiled stages, so convolutions see real neighbours, and neighbouring cores cross-
 
 GroupNorm ("global" modes): a first pass over large plain tiles records each tiled GroupNorm's per-group mean
 and variance on the tile cores and merges them into whole-image statistics (Chan's parallel variance). It
-normalizes per tile while doing so, so deeper layers' statistics are an estimate. A second pass normalizes
-with that estimate while recording a new one; the two err on opposite sides, and their mean is kept
-("global": 2 passes, "global_fast": 1). The output pass normalizes every tile with the same statistics, so
-nothing differs from tile to tile: no seam, no colour step. With exact statistics a tile computes what the
-full decode computes at its core, to float rounding.
+normalizes per tile while doing so, so deeper layers' statistics are an estimate. A refine pass normalizes
+with that estimate while recording a new one; the two err on opposite sides, and their mean is kept ("global":
+one refine pass, two when the first pass had more than MANY_TILES tiles; "global_fast": none). The output pass
+normalizes every tile with the same statistics, so nothing differs from tile to tile: no seam, no colour step.
+With exact statistics a tile computes what the full decode computes at its core, to float rounding.
 
 Walks the module structure of ComfyUI's comfy/ldm/modules/diffusionmodules/model.py (Encoder, Decoder,
 ResnetBlock, AttnBlock, Upsample, Downsample; ComfyUI 0.3.75) by attribute name and calls its own submodules;
@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# GroupNorm statistics of the tiled stages -> passes of statistics before the output pass
-GROUPNORM_MODES = {"global": 2, "global_fast": 1, "tile": 0}
+# GroupNorm statistics of the tiled stages (see stat_passes): whole-image estimate, its faster variant, per tile
+GROUPNORM_MODES = ("global", "global_fast", "tile")
+MANY_TILES = 4  # a first pass over more tiles than this estimates further off: "global" adds a refine pass
 ATTENTION_CHUNK_ELEMENTS = 1 << 26  # query rows x keys per attention chunk (128 MiB of fp16 scores)
 STATS_GROUP_CHUNK = 4  # GroupNorm groups converted to fp32 at once when recording statistics
 ALLOCATOR_SLACK = 1.25  # headroom over the counted live activations
@@ -480,11 +481,13 @@ def auto_tile(stages: list[Stage], height: int, width: int, overlap: int, dtype_
 
 # ---------------------------------------------------------------------------------------------- running
 
-def stat_passes(groupnorm: str) -> int:
-    """Statistics passes of a GroupNorm mode name (see GROUPNORM_MODES)."""
+def stat_passes(groupnorm: str, record_tiles: int = 1) -> int:
+    """Statistics passes before the output pass: tile 0; global_fast 1; global 2, or 3 over more than MANY_TILES."""
     if groupnorm not in GROUPNORM_MODES:
         raise ValueError(f"expected groupnorm in {list(GROUPNORM_MODES)}, got {groupnorm!r}. Fix: pick one of those.")
-    return GROUPNORM_MODES[groupnorm]
+    if groupnorm == "global":
+        return 2 if record_tiles <= MANY_TILES else 3
+    return 1 if groupnorm == "global_fast" else 0
 
 
 def _run_tiled(p: Plan, h: torch.Tensor, height: int, width: int, in_scale: int, stat_passes: int,
@@ -543,7 +546,7 @@ def decode_tiled(decoder: torch.nn.Module, z: torch.Tensor, tile: int, overlap: 
 
     `tile` and `overlap` are latent pixels; `tile` is the memory unit (the window of the highest-resolution stage).
     """
-    passes = stat_passes(groupnorm)
+    stat_passes(groupnorm)  # validates the mode before any work
     height, width = z.shape[-2:]
     stages = decoder_stages(decoder, post_quant_conv)
     p = plan(stages, height, width, tile, overlap, z.element_size(), decoding=True)
@@ -554,6 +557,7 @@ def decode_tiled(decoder: torch.nn.Module, z: torch.Tensor, tile: int, overlap: 
         if progress:
             progress(1, 1)
         return h.float()
+    passes = stat_passes(groupnorm, len(p.record_tiles))
     return _run_tiled(p, h, height, width, p.whole[-1].scale, passes, progress)
 
 
@@ -564,7 +568,7 @@ def encode_tiled(encoder: torch.nn.Module, x: torch.Tensor, tile: int, overlap: 
     `tile` and `overlap` are latent pixels (x8 in the image). The high-resolution stages are tiled; the rest,
     with the mid-block attention, runs on the whole (downsampled) image.
     """
-    passes = stat_passes(groupnorm)
+    stat_passes(groupnorm)  # validates the mode before any work
     top = scale_factor(encoder)
     if x.shape[-2] % top or x.shape[-1] % top:
         raise ValueError(f"expected an image whose sides are multiples of {top}, got {tuple(x.shape[-2:])}. "
@@ -573,6 +577,7 @@ def encode_tiled(encoder: torch.nn.Module, x: torch.Tensor, tile: int, overlap: 
     stages = encoder_stages(encoder, quant_conv)
     p = plan(stages, height, width, tile, overlap, x.element_size(), decoding=False)
     if p.tiled:
+        passes = stat_passes(groupnorm, len(p.record_tiles))
         h = _run_tiled(p, x, height, width, top, passes, progress).to(x.dtype)
     else:
         h = x

@@ -74,6 +74,21 @@ def test_grid_windows_fit_the_area_and_cores_tile_the_image(h, w, area, shared):
     assert tv.plan_grid(h, w, h * w, shared) == [tv.Tile(0, h, 0, w, 0, h, 0, w)]
 
 
+def test_statistics_recorded_over_tile_cores_are_the_whole_image_statistics():
+    """Chan's merge of per-core statistics equals the whole tensor's per-group mean and variance."""
+    x = torch.randn(2, 8, 24, 30) * torch.linspace(0.5, 3, 8)[:, None, None] + torch.arange(8.0)[:, None, None]
+    gn = torch.nn.GroupNorm(4, 8)
+    norm = tv.GroupNormStats(mode="record")
+    for t in tv.plan_grid(12, 15, 50, 2):  # latent tiles; x is at scale 2
+        norm.start_tile(t)
+        norm(gn, x[:, :, t.y0 * 2:t.y1 * 2, t.x0 * 2:t.x1 * 2])
+    count, mean, m2 = norm.new[0]
+    var_ref, mean_ref = torch.var_mean(x.view(2, 4, -1).double(), dim=-1, correction=0)
+    assert torch.allclose(mean, mean_ref) and torch.allclose(m2 / count, var_ref)
+    assert tv.stat_passes("global", 4) == 2 and tv.stat_passes("global", 5) == 3
+    assert tv.stat_passes("global_fast", 9) == 1 and tv.stat_passes("tile") == 0
+
+
 def test_one_tile_is_the_full_decode(vae, latent, full):
     out = decode(vae, latent, 64, 8, "global")
     assert (out - full).abs().max() < 1e-4, "a tile covering the image must compute exactly the full decode"

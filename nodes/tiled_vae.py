@@ -79,18 +79,24 @@ def fit_overlap(overlap: int, height: int, width: int) -> int:
     return min(overlap, max(height, width) // 2)
 
 
+def offloads(vae) -> bool:
+    """Whether the whole-image buffers of a tiled run can live in the output device's memory (usually the CPU)."""
+    return torch.device(vae.output_device) != torch.device(vae.device)
+
+
 def choose_tile(vae, stages, height: int, width: int, tile: int, overlap: int, decoding: bool) -> int:
     """Tile side in latent px: `tile`, or when 0 (auto) what fits the free VRAM; loads the VAE either way."""
     dtype_size = torch.finfo(vae.vae_dtype).bits // 8
+    off = offloads(vae)
     first = tile or max(min(MIN_AUTO_TILE, max(height, width)), 2 * overlap + 1)
-    p = plan(stages, height, width, first, overlap, dtype_size, decoding=decoding)  # also validates the sizes
+    p = plan(stages, height, width, first, overlap, dtype_size, decoding=decoding, offload=off)  # validates too
     mm.load_models_gpu([vae.patcher], memory_required=p.peak_bytes)
     if tile:
         return tile
     free = mm.get_free_memory(vae.device)
-    tile = auto_tile(stages, height, width, overlap, dtype_size, free * AUTO_BUDGET, decoding)
+    tile = auto_tile(stages, height, width, overlap, dtype_size, free * AUTO_BUDGET, decoding, offload=off)
     # ask ComfyUI to make room for the chosen plan too (it may offload the UNet), with margin for conv workspaces
-    chosen = plan(stages, height, width, tile, overlap, dtype_size, decoding=decoding)
+    chosen = plan(stages, height, width, tile, overlap, dtype_size, decoding=decoding, offload=off)
     mm.load_models_gpu([vae.patcher], memory_required=int(chosen.peak_bytes / AUTO_BUDGET))
     log.debug("SDXLOpt tiled VAE: auto tile %d latent px (free %.2f GiB)", tile, free / 1024**3)
     return tile
@@ -155,8 +161,8 @@ class TiledVAEDecode(io.ComfyNode):
         for i in range(z.shape[0]):
             progress.index = i
             x = z[i:i + 1].to(device=vae.device, dtype=vae.vae_dtype)
-            out = decode_tiled(fsm.decoder, x, tile, ov, groupnorm,
-                               post_quant_conv=getattr(fsm, "post_quant_conv", None), progress=progress)
+            out = decode_tiled(fsm.decoder, x, tile, ov, groupnorm, post_quant_conv=getattr(fsm, "post_quant_conv", None),
+                               progress=progress, store=vae.output_device if offloads(vae) else None)
             images.append(vae.process_output(out).to(vae.output_device))
         return io.NodeOutput(torch.cat(images).movedim(1, -1))
 
@@ -221,9 +227,11 @@ class TiledVAEEncode(io.ComfyNode):
         progress, latents = Progress(pixels.shape[0]), []
         for i in range(pixels.shape[0]):
             progress.index = i
-            x = vae.process_input(pixels[i:i + 1, :, :, :3].movedim(-1, 1)).to(device=vae.device, dtype=vae.vae_dtype)
-            moments = encode_tiled(fsm.encoder, x, tile, ov, groupnorm,
-                                   quant_conv=getattr(fsm, "quant_conv", None), progress=progress)
+            x = vae.process_input(pixels[i:i + 1, :, :, :3].movedim(-1, 1)).to(dtype=vae.vae_dtype)
+            if not offloads(vae):
+                x = x.to(vae.device)
+            moments = encode_tiled(fsm.encoder, x, tile, ov, groupnorm, quant_conv=getattr(fsm, "quant_conv", None),
+                                   progress=progress, device=vae.device)
             z = fsm.regularization(moments)[0] if hasattr(fsm, "regularization") else moments.chunk(2, 1)[0]
             latents.append(z.float().to(vae.output_device))
         return io.NodeOutput({"samples": torch.cat(latents)})

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # GroupNorm statistics of the tiled stages (see stat_passes): whole-image estimate, its faster variant, per tile
 GROUPNORM_MODES = ("global", "global_fast", "tile")
-MANY_TILES = 4  # a first pass over more tiles than this estimates further off: "global" adds a refine pass
+MANY_TILES = 6  # a first pass over more tiles than this estimates further off: "global" adds a refine pass
 ATTENTION_CHUNK_ELEMENTS = 1 << 26  # query rows x keys per attention chunk (128 MiB of fp16 scores)
 STATS_GROUP_CHUNK = 4  # GroupNorm groups converted to fp32 at once when recording statistics
 ALLOCATOR_SLACK = 1.25  # headroom over the counted live activations
@@ -414,11 +414,12 @@ class Plan:
 
 
 def plan(stages: list[Stage], height: int, width: int, tile: int, overlap: int, dtype_size: int,
-         decoding: bool) -> Plan:
+         decoding: bool, offload: bool = False) -> Plan:
     """Split the stages into a whole-image part and a tiled part, and lay out the tiles.
 
     `tile` is the memory unit: windows hold at most tile x tile latent px (rectangular when that computes less),
     and a stage runs on the whole image when its whole-image activations fit in what one such window holds.
+    `offload`: the whole-image tensor the tiles read and the blend buffers are not in device memory.
     """
     area = height * width
     if area > tile * tile:  # an image that fits one tile needs no overlap, whatever it is set to
@@ -453,20 +454,20 @@ def plan(stages: list[Stage], height: int, width: int, tile: int, overlap: int, 
     handoff = (whole[-1] if decoding else tiled[-1])  # kept whole while the tiles run: input, or fp32 blend buffer
     kept = handoff.channels * handoff.scale ** 2 * area * (dtype_size if decoding else 4)
     blend = tiled[-1].channels * tiled[-1].scale ** 2 * area * 4 if decoding else 0
-    peak = int(work * dtype_size * ALLOCATOR_SLACK) + kept + blend
+    peak = int(work * dtype_size * ALLOCATOR_SLACK) + (0 if offload else kept + blend)
     return Plan(whole, tiled, tiles, record_tiles, refine_tiles, margin, overlap, peak)
 
 
 def auto_tile(stages: list[Stage], height: int, width: int, overlap: int, dtype_size: int, budget_bytes: float,
-              decoding: bool, align: int = 8) -> int:
+              decoding: bool, align: int = 8, offload: bool = False) -> int:
     """Largest tile side (latent px, a multiple of `align`) whose plan fits `budget_bytes`; the whole image if it fits."""
     whole = max(height, width)
-    if plan(stages, height, width, whole, overlap, dtype_size, decoding).peak_bytes <= budget_bytes:
+    if plan(stages, height, width, whole, overlap, dtype_size, decoding, offload).peak_bytes <= budget_bytes:
         return whole
     best = smallest = None
     for side in range(max(align, math.ceil(2 * overlap / align) * align), whole, align):
         try:
-            p = plan(stages, height, width, side, overlap, dtype_size, decoding)
+            p = plan(stages, height, width, side, overlap, dtype_size, decoding, offload)
         except ValueError:  # too small for the tiled stages' reach
             continue
         smallest = smallest or side
@@ -491,12 +492,13 @@ def stat_passes(groupnorm: str, record_tiles: int = 1) -> int:
 
 
 def _run_tiled(p: Plan, h: torch.Tensor, height: int, width: int, in_scale: int, stat_passes: int,
-               progress: Progress | None) -> torch.Tensor:
+               progress: Progress | None, device: torch.device) -> torch.Tensor:
     """Run the tiled stages over the tiles and blend the outputs; first `stat_passes` passes of GroupNorm statistics.
 
     0: every tile normalizes with its own statistics (one pass). 1: a first pass records whole-image statistics on
     the tile cores (with per-tile normalization upstream, so an estimate); the output pass applies them. 2+: each
     further pass normalizes with the last estimate while recording a new one, and the mean of the two is kept.
+    `h` and the blend buffers stay where `h` is (e.g. CPU memory); each window runs on `device`.
     """
     if stat_passes < 0:
         raise ValueError(f"expected stat_passes >= 0, got {stat_passes}")
@@ -508,7 +510,7 @@ def _run_tiled(p: Plan, h: torch.Tensor, height: int, width: int, in_scale: int,
     def run(t: Tile) -> torch.Tensor:
         nonlocal done
         norm.start_tile(t)
-        x = h[:, :, t.y0 * in_scale:t.y1 * in_scale, t.x0 * in_scale:t.x1 * in_scale]
+        x = h[:, :, t.y0 * in_scale:t.y1 * in_scale, t.x0 * in_scale:t.x1 * in_scale].to(device)
         for s in p.tiled:
             x = s.run(x, norm)
         done += 1
@@ -528,12 +530,12 @@ def _run_tiled(p: Plan, h: torch.Tensor, height: int, width: int, in_scale: int,
             out = run(t)
             if acc is None:
                 acc = torch.zeros(out.shape[0], out.shape[1], height * out_scale, width * out_scale,
-                                  device=out.device, dtype=torch.float32)
-                wsum = torch.zeros(height * out_scale, width * out_scale, device=out.device, dtype=torch.float32)
+                                  device=h.device, dtype=torch.float32)
+                wsum = torch.zeros(height * out_scale, width * out_scale, device=h.device, dtype=torch.float32)
             w = feather(t, height, width, p.margin, p.fade, out_scale, out.device)
             ys, xs = slice(t.y0 * out_scale, t.y1 * out_scale), slice(t.x0 * out_scale, t.x1 * out_scale)
-            acc[:, :, ys, xs].add_(out.float() * w)
-            wsum[ys, xs].add_(w)
+            acc[:, :, ys, xs].add_((out.float() * w).to(h.device))
+            wsum[ys, xs].add_(w.to(h.device))
             del out
     finally:
         norm.reset()
@@ -541,48 +543,57 @@ def _run_tiled(p: Plan, h: torch.Tensor, height: int, width: int, in_scale: int,
 
 
 def decode_tiled(decoder: torch.nn.Module, z: torch.Tensor, tile: int, overlap: int, groupnorm: str = "global",
-                 post_quant_conv: torch.nn.Module | None = None, progress: Progress | None = None) -> torch.Tensor:
+                 post_quant_conv: torch.nn.Module | None = None, progress: Progress | None = None,
+                 store: torch.device | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) as the VAE takes them -> decoder output (B, 3, 8h, 8w), about [-1, 1], fp32.
 
-    `tile` and `overlap` are latent pixels; `tile` is the memory unit (the window of the highest-resolution stage).
+    `tile` and `overlap` are latent pixels; `tile` is the memory unit (a window holds at most tile x tile).
+    Computes on z's device; with `store` (e.g. the CPU), the whole-image tensor the tiles read and the blend
+    buffers live there instead, and so does the result. One tile: the decoder's own forward, as VAE Decode runs it.
     """
     stat_passes(groupnorm)  # validates the mode before any work
     height, width = z.shape[-2:]
     stages = decoder_stages(decoder, post_quant_conv)
-    p = plan(stages, height, width, tile, overlap, z.element_size(), decoding=True)
+    p = plan(stages, height, width, tile, overlap, z.element_size(), decoding=True, offload=store is not None)
+    if not p.tiled:
+        out = decoder(post_quant_conv(z) if post_quant_conv is not None else z)
+        if progress:
+            progress(1, 1)
+        return out.float()
     h = z
     for s in p.whole:
         h = s.run(h, plain_norm)
-    if not p.tiled:
-        if progress:
-            progress(1, 1)
-        return h.float()
+    if store is not None:
+        h = h.to(store)
     passes = stat_passes(groupnorm, len(p.record_tiles))
-    return _run_tiled(p, h, height, width, p.whole[-1].scale, passes, progress)
+    return _run_tiled(p, h, height, width, p.whole[-1].scale, passes, progress, z.device)
 
 
 def encode_tiled(encoder: torch.nn.Module, x: torch.Tensor, tile: int, overlap: int, groupnorm: str = "global",
-                 quant_conv: torch.nn.Module | None = None, progress: Progress | None = None) -> torch.Tensor:
+                 quant_conv: torch.nn.Module | None = None, progress: Progress | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
     """Pixels (B, 3, H, W) in [-1, 1], sides multiples of 8 -> moments (B, 2C, H/8, W/8) of the latent, fp32.
 
     `tile` and `overlap` are latent pixels (x8 in the image). The high-resolution stages are tiled; the rest,
-    with the mid-block attention, runs on the whole (downsampled) image.
+    with the mid-block attention, runs on the whole (downsampled) image. Computes on `device` (default: x's);
+    x and the blend buffer stay where x is. One tile: the encoder's own forward, as VAE Encode runs it.
     """
     stat_passes(groupnorm)  # validates the mode before any work
+    device = device or x.device
     top = scale_factor(encoder)
     if x.shape[-2] % top or x.shape[-1] % top:
         raise ValueError(f"expected an image whose sides are multiples of {top}, got {tuple(x.shape[-2:])}. "
                          f"Fix: crop or resize the image to a multiple of {top}.")
     height, width = x.shape[-2] // top, x.shape[-1] // top
     stages = encoder_stages(encoder, quant_conv)
-    p = plan(stages, height, width, tile, overlap, x.element_size(), decoding=False)
-    if p.tiled:
-        passes = stat_passes(groupnorm, len(p.record_tiles))
-        h = _run_tiled(p, x, height, width, top, passes, progress).to(x.dtype)
-    else:
-        h = x
+    p = plan(stages, height, width, tile, overlap, x.element_size(), decoding=False, offload=x.device != device)
+    if not p.tiled:
+        h = encoder(x.to(device))
         if progress:
             progress(1, 1)
+        return (quant_conv(h) if quant_conv is not None else h).float()
+    passes = stat_passes(groupnorm, len(p.record_tiles))
+    h = _run_tiled(p, x, height, width, top, passes, progress, device).to(device=device, dtype=x.dtype)
     for s in p.whole:
         h = s.run(h, plain_norm)
     return h.float()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import comfy.model_patcher
 import comfy.patcher_extension
 from comfy_api.latest import io
 
@@ -23,6 +22,7 @@ from ..ops.cfg_cutoff import (
     validate_sigma,
 )
 from . import ADVANCED, CATEGORY
+from ._run import per_run_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,13 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
     state: CFGCutoffState | None = topts.get(KEY)
     if state is None or not has_guidance_conds(conds):  # cfg 1, or a single-cond call (PAG, SAG, ...)
         return executor(model, conds, x_in, timestep, model_options)
-    sigma = _sigma_of(timestep)
-    unguided = state.is_past_cutoff(sigma, topts.get("sample_sigmas"))
+    clock = state.clock
+    if clock is not None:  # the step from the sampler's callback: no GPU read (ops/steps.py)
+        sigma = clock.sigma_at(clock.step_of_call(lambda: _sigma_of(timestep)))
+        unguided = state.is_past_cutoff(sigma, clock.sigmas)
+    else:  # called outside a sampling run we saw begin: read the call's sigma (one device sync)
+        sigma = _sigma_of(timestep)
+        unguided = state.is_past_cutoff(sigma, topts.get("sample_sigmas"))
     state.record(sigma, unguided)
     if not unguided:
         return executor(model, conds, x_in, timestep, model_options)
@@ -49,26 +54,15 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
     return positive_only_outputs(out, len(conds))
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """Per-run state: a fresh clone of the node's state for this run, one summary line, reset in finally."""
-    guider = executor.class_obj
-    orig_options = guider.model_options
-    state = None
-    try:
-        guider.model_options = comfy.model_patcher.create_model_options_clone(orig_options)
-        topts = guider.model_options.setdefault("transformer_options", {})
-        if isinstance(topts.get(KEY), CFGCutoffState):
-            state = topts[KEY] = topts[KEY].clone()
-            if guider.model_options.get("disable_cfg1_optimization", False):
-                log.warning("SDXLOpt CFG Cutoff: another patch on this model asks for the uncond pass even at "
-                            "cfg 1 (disable_cfg1_optimization, e.g. Self-Attention Guidance); after the cutoff "
-                            "that pass is skipped and such patches see the positive prediction in its place.")
-        return executor(*args, **kwargs)
-    finally:
-        if state is not None:
-            log.info("SDXLOpt CFG Cutoff: %s.", state.summary())
-            state.reset()
-        guider.model_options = orig_options
+def _begin_run(guider, state: CFGCutoffState, sigmas) -> None:
+    if guider.model_options.get("disable_cfg1_optimization", False):
+        log.warning("SDXLOpt CFG Cutoff: another patch on this model asks for the uncond pass even at "
+                    "cfg 1 (disable_cfg1_optimization, e.g. Self-Attention Guidance); after the cutoff "
+                    "that pass is skipped and such patches see the positive prediction in its place.")
+
+
+# per run: a fresh clone of the node's state, the step clock, one summary line, reset in finally
+outer_sample_wrapper = per_run_wrapper(KEY, CFGCutoffState, _begin_run, log, "SDXLOpt CFG Cutoff: %s.")
 
 
 def apply_cfg_cutoff(model, fraction: float, sigma: float = 0.0):

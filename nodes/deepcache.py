@@ -23,7 +23,6 @@ import logging
 from collections.abc import Hashable
 
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer, SpatialVideoTransformer
@@ -31,6 +30,7 @@ from comfy_api.latest import io
 
 from ..ops.deepcache import SCHEDULES, DeepCacheConfig, DeepCacheState, shallow_plan
 from . import ADVANCED, CATEGORY
+from ._run import per_run_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,11 @@ COMPILE_KEY = "sdxlopt_compile"  # nodes/compile.py's transformer_options entry 
 SHALLOW_REGION = "deepcache_shallow"
 
 
+def _sigma_of(sigmas: torch.Tensor) -> float:
+    """The call's sigma on the host: a device sync, only when the run's StepClock cannot tell the step."""
+    return float(sigmas.reshape(-1)[0])
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
     """Per UNet call: shallow when the schedule says so and every chunk has cached features, else full (and
     cache the features)."""
@@ -208,7 +213,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         log.warning("SDXLOpt DeepCache: the model carries UNet patches %s that the shallow path does not know; "
                     "those calls run in full (no speed-up). Fix: remove the node that adds them, or remove "
                     "DeepCache (it cannot run part of the UNet around a patch it does not know).", unknown)
-    if not unknown and not state.is_full_step(float(sigmas.reshape(-1)[0])):
+    if not unknown and not state.is_full_call(lambda: _sigma_of(sigmas)):
         cached = state.lookup(keys, x)
         if cached is not None:
             state.count(shallow=True)
@@ -233,30 +238,20 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     return out
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """Per run: a fresh clone of the node's state planned on this run's sigmas; one summary line; reset."""
-    guider = executor.class_obj
-    orig_options = guider.model_options
-    state = None
-    try:
-        guider.model_options = comfy.model_patcher.create_model_options_clone(orig_options)
-        topts = guider.model_options.setdefault("transformer_options", {})
-        if isinstance(topts.get(KEY), DeepCacheState):
-            state = topts[KEY] = topts[KEY].clone()
-            sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
-            if torch.is_tensor(sigmas) and sigmas.numel() > 1:
-                ms = guider.model_patcher.get_model_object("model_sampling")
-                cfg = state.config
-                state.prepare(sigmas.reshape(-1).tolist(), float(ms.percent_to_sigma(cfg.start_percent)),
-                              float(ms.percent_to_sigma(cfg.end_percent)))
-            else:
-                log.warning("SDXLOpt DeepCache: this sampler gave no sigma schedule; every step runs in full.")
-        return executor(*args, **kwargs)
-    finally:
-        if state is not None:
-            log.info(state.summary())
-            state.reset()
-        guider.model_options = orig_options
+def _begin_run(guider, state: DeepCacheState, sigmas) -> None:
+    """Plan the run on its sigmas (the window in sigma from start/end percent)."""
+    if sigmas is not None and sigmas.numel() > 1:
+        ms = guider.model_patcher.get_model_object("model_sampling")
+        cfg = state.config
+        schedule = state.clock.sigmas if state.clock is not None else sigmas.reshape(-1).tolist()
+        state.prepare(schedule, float(ms.percent_to_sigma(cfg.start_percent)),
+                      float(ms.percent_to_sigma(cfg.end_percent)))
+    else:
+        log.warning("SDXLOpt DeepCache: this sampler gave no sigma schedule; every step runs in full.")
+
+
+# per run: a fresh clone of the node's state planned on this run's sigmas, the step clock, one summary line
+outer_sample_wrapper = per_run_wrapper(KEY, DeepCacheState, _begin_run, log)
 
 
 def apply_deepcache(model, config: DeepCacheConfig):

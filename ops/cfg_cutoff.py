@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .steps import StepClock
+
 # sigmas of one schedule differ by far more than this; it only absorbs float round-off
 SIGMA_REL_TOL = 1e-5
 
@@ -72,6 +74,7 @@ class CFGCutoffState:
     first_unguided_sigma: float | None = None
     _schedule: torch.Tensor | None = field(default=None, repr=False)
     _schedule_cut: float | None = field(default=None, repr=False)
+    clock: StepClock | None = field(default=None, repr=False)  # the run's step counter (nodes/_run.py)
 
     def clone(self) -> CFGCutoffState:
         return CFGCutoffState(fraction=self.fraction, sigma=self.sigma)
@@ -82,9 +85,10 @@ class CFGCutoffState:
         self.first_unguided_sigma = None
         self._schedule = None
         self._schedule_cut = None
+        self.clock = None
         return self
 
-    def threshold(self, schedule: torch.Tensor | None) -> float | None:
+    def threshold(self, schedule: torch.Tensor | Sequence[float] | None) -> float | None:
         """Largest sigma that is already past the cutoff for this run's schedule (None: never)."""
         cut = None
         if schedule is not None and self.fraction < 1.0:
@@ -95,7 +99,7 @@ class CFGCutoffState:
             cut = self.sigma if cut is None else max(cut, self.sigma)
         return cut
 
-    def is_past_cutoff(self, sigma: float, schedule: torch.Tensor | None) -> bool:
+    def is_past_cutoff(self, sigma: float, schedule: torch.Tensor | Sequence[float] | None) -> bool:
         """True when the model call at `sigma` should compute the positive prompt only."""
         cut = self.threshold(schedule)
         return cut is not None and sigma <= cut * (1.0 + SIGMA_REL_TOL)

@@ -19,10 +19,12 @@ https://github.com/horseee/DeepCache).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+
+from .steps import StepClock, step_index
 
 SCHEDULES = ("uniform", "non-uniform")
 NONUNIFORM_POWER_STEP = 0.02  # the paper's search lowers the exponent by this until the count fits
@@ -121,18 +123,6 @@ def full_step_mask(in_window: Sequence[bool], cfg: DeepCacheConfig) -> list[bool
     return mask
 
 
-def step_index(sigma: float, sample_sigmas: Sequence[float], rtol: float = 1e-4) -> int:
-    """The step a model call at `sigma` belongs to: the last i with sample_sigmas[i] >= sigma.
-
-    Calls between two listed sigmas (midpoints of 2S/SDE samplers) belong to the step that started above
-    them. Clamped to the valid steps 0..len - 2 (the last listed sigma is the end of sampling).
-    """
-    n = max(len(sample_sigmas) - 1, 1)
-    tol = rtol * max(abs(sigma), 1e-8)
-    count = sum(1 for s in list(sample_sigmas)[:n] if s >= sigma - tol)
-    return min(max(count - 1, 0), n - 1)
-
-
 @dataclass
 class _Entry:
     features: torch.Tensor  # deep features entering the first shallow output block
@@ -166,6 +156,7 @@ class DeepCacheState:
         self.shallow_calls = 0
         self.fallback: str | None = None  # why the schedule differs from the one asked for, if it does
         self.warned: set[str] = set()  # one-per-run warnings already logged by the caller
+        self.clock: StepClock | None = None  # the run's step counter (set by nodes/_run.py)
 
     @property
     def prepared(self) -> bool:
@@ -192,6 +183,15 @@ class DeepCacheState:
         if not self.prepared:
             return True
         return self.full_mask[self.step(sigma)]
+
+    def is_full_call(self, read_sigma: Callable[[], float]) -> bool:
+        """Whether the current UNet call runs the whole UNet: its step from the run's StepClock (no device
+        read) when there is one, else from its sigma (`read_sigma()`, a device sync)."""
+        if not self.prepared:
+            return True
+        if self.clock is None:
+            return self.is_full_step(read_sigma())
+        return self.full_mask[self.clock.step_of_call(read_sigma)]
 
     def lookup(self, keys: Sequence[Hashable], latent: torch.Tensor) -> torch.Tensor | None:
         """The cached deep features for a call on `latent` batched as `keys`, or None when any chunk has none

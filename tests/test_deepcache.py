@@ -133,15 +133,6 @@ def test_window_runs_outside_steps_in_full_and_restarts_the_schedule_inside():
     assert state.full_mask == [True, True, True, False, False, True]
 
 
-def test_step_index_maps_sigmas_and_midpoints_to_steps():
-    sig = [14.6, 9.0, 5.0, 2.0, 0.0]
-    assert [dco.step_index(s, sig) for s in sig[:-1]] == [0, 1, 2, 3]
-    assert dco.step_index(7.0, sig) == 1
-    assert dco.step_index(3.0, sig) == 2  # a 2S/SDE midpoint belongs to the step that started above it
-    assert dco.step_index(100.0, sig) == 0 and dco.step_index(0.0, sig) == 3
-    assert dco.step_index(9.0 * (1 - 1e-6), sig) == 1  # float noise around a listed sigma
-
-
 def test_cache_follows_the_batch_per_conditioning_chunk():
     state = dco.DeepCacheState(dco.DeepCacheConfig())
     x2 = torch.zeros(2, 4, 8, 8)
@@ -401,6 +392,16 @@ def test_per_run_state_is_cloned_logged_and_reset(tiny, caplog):
     assert shallow_counts(caplog) == [(STEPS - 2, STEPS)] * 2, "expected one summary line per run"
     template = patched.model_options["transformer_options"][dcn.KEY]
     assert template.calls == 0 and template.cache == {} and not template.prepared, "the template was used"
+
+
+def test_full_or_shallow_comes_from_the_sampler_callback_without_reading_the_sigma(tiny, caplog, monkeypatch):
+    """The per-call sigma read (a GPU sync per step) is replaced by the run's step clock: same schedule."""
+    reads = []
+    real = dcn._sigma_of
+    monkeypatch.setattr(dcn, "_sigma_of", lambda s: reads.append(1) or real(s))
+    caplog.set_level(logging.INFO)
+    sample(deepcache(tiny, interval=3))
+    assert shallow_counts(caplog) == [(STEPS - 2, STEPS)] and reads == []
 
 
 def test_nonuniform_schedule_and_window_in_a_real_run(tiny, caplog):

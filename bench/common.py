@@ -147,6 +147,32 @@ class BenchContext:
         peak = torch.cuda.max_memory_allocated() / GIB if self.device.type == "cuda" else 0.0
         return Measured(statistics.median(times), peak, result, times)
 
+    def measure_interleaved(self, fns: dict[str, Callable[[], Any]], rounds: int | None = None,
+                            warmup: int = 1) -> dict[str, Measured]:
+        """Like measure() for several variants, run in rounds (A B C, A B C, ...): eager SDXL on a fast GPU is
+        launch-bound and drifts run to run by up to ~20% (host load, clocks), and drift between back-to-back
+        blocks of one variant would show up as a difference between variants. Median per variant; peak per
+        variant over its own calls."""
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        self.sync()
+        cuda = self.device.type == "cuda"
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        peaks: dict[str, float] = dict.fromkeys(fns, 0.0)
+        results: dict[str, Any] = {}
+        for _ in range(rounds or (1 if self.small else 5)):
+            for k, fn in fns.items():
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                results[k] = fn()
+                self.sync()
+                times[k].append(time.perf_counter() - t0)
+                if cuda:
+                    peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() / GIB)
+        return {k: Measured(statistics.median(times[k]), peaks[k], results[k], times[k]) for k in fns}
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()

@@ -70,6 +70,7 @@ TAESDXL = "vae_approx/taesdxl (encoder + decoder)"  # the Tiny VAE loader's entr
 FREEU = ("SDXLOptFreeU", {"preset": "SDXL", "version": "v1"})
 DEEPCACHE = ("SDXLOptDeepCache", {"cache_interval": 3, "cache_branch_id": 0})
 CFG_CUTOFF = ("SDXLOptCFGCutoff", {"fraction": 0.5})
+COMPILE = ("SDXLOptCompile", {})  # defaults: inductor, CUDA graphs, warm-up
 
 
 @dataclass
@@ -131,6 +132,11 @@ TIERS = [
     Tier("sdxl_fastest", "fastest: DeepCache, CFG cutoff, Tiny VAE", None, "<= 1.0 s/image (30 steps)",
          NEEDS + " Tiny VAE: put taesdxl_encoder.pth and taesdxl_decoder.pth (madebyollin/taesd) into "
          "models/vae_approx.", {"patches": (DEEPCACHE, CFG_CUTOFF), "decode": "taesd"}),
+    # issue 8: the fastest tier on the compiled path (bench row; the note of the shipped fastest workflow says
+    # where to add the node)
+    Tier("sdxl_fastest_compiled", "fastest + SDXLOpt Compile (benchmark row, not shipped)", None,
+         "<= 1.0 s/image (30 steps), compiled path", NEEDS,
+         {"patches": (DEEPCACHE, CFG_CUTOFF, COMPILE), "decode": "taesd"}, shipped=False),
 ]
 
 WORKFLOWS = {"sdxl_patch_report": patch_report, **{t.name: t.build for t in TIERS if t.shipped}}

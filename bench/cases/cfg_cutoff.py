@@ -60,8 +60,7 @@ def run(ctx: BenchContext) -> None:
     variants = [("full CFG", None), ("cutoff 50%", 0.5), ("cutoff 75%", 0.75)]
     for batch in (1, 4):
         config = "eager" if batch == 1 else "eager, compute-bound (UNet batch 8 with CFG)"
-        full_forwards = None
-        full_s = None
+        runs, traces = {}, {}
         for name, fraction in variants:
             sizes: list[int] = []
             model = batch_trace(base if fraction is None else apply_cfg_cutoff(base, fraction), sizes)
@@ -70,7 +69,16 @@ def run(ctx: BenchContext) -> None:
                 sizes.clear()
                 return ctx.sample(model, cfg=ctx.cfg, batch=batch)
 
-            m = ctx.measure(once)
+            runs[name], traces[name] = once, sizes
+        if batch == 1:  # launch-bound and drifting: interleaved rounds (bench/common.py)
+            measured = ctx.measure_interleaved(runs)
+            config += ", interleaved"
+        else:  # compute-bound: stable, one block per variant
+            measured = {name: ctx.measure(fn) for name, fn in runs.items()}
+        full_forwards = None
+        full_s = None
+        for name, _ in variants:
+            m, sizes = measured[name], traces[name]
             forwards = sum(sizes) / batch  # UNet sample-forwards per image
             full_forwards = full_forwards or forwards
             full_s = full_s or m.seconds

@@ -35,12 +35,15 @@ log = logging.getLogger(__name__)
 
 CASE = "compile"
 BUDGET_S = float(os.environ.get("SDXLOPT_BENCH_COMPILE_BUDGET_S", "480"))
+# rows to run (comma list of Variant keys; default all): a GPU lease has 10-minute commands
+ROWS = [r for r in os.environ.get("SDXLOPT_BENCH_COMPILE_ROWS", "").split(",") if r]
 EST_GRAPH_S = 90.0  # one new graph of full SDXL (issue 8: 88 s batch 2, 72 s batch 1 on an H200)
 EST_RUN_S = 3.5  # one 50-step eager image, for the budget estimate
 
 
 @dataclass
 class Variant:
+    key: str  # for SDXLOPT_BENCH_COMPILE_ROWS
     name: str
     build: Callable[[], object]  # () -> MODEL
     new_graphs: int  # graphs it will compile that earlier rows did not (budget estimate)
@@ -66,6 +69,42 @@ def _deepcache(model, interval: int):
     from sdxl_optimizer.ops.deepcache import DeepCacheConfig
 
     return apply_deepcache(model, DeepCacheConfig(interval=interval))
+
+
+def call_timer(model, sink: list):
+    """A clone of `model` that records CUDA events around every model call (batch, start, end): GPU time per
+    call by batch size without adding a sync (events are read after the run)."""
+    import comfy.patcher_extension
+    import torch
+
+    def rec(executor, x, *args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = executor(x, *args, **kwargs)
+        end.record()
+        sink.append((int(x.shape[0]), start, end))
+        return out
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_call_timer", rec)
+    return m
+
+
+def call_ms_by_batch(sink: list) -> dict:
+    """{'ms_per_call_b2': median ms, ...} from call_timer's events (device synchronized by the caller)."""
+    import statistics
+
+    by: dict[int, list[float]] = {}
+    for b, start, end in sink:
+        by.setdefault(b, []).append(start.elapsed_time(end))
+    return {f"ms_per_call_b{b}": round(statistics.median(v), 2) for b, v in sorted(by.items())}
+
+
+def _freeu(model):
+    from sdxl_optimizer.nodes.freeu import apply_freeu
+    from sdxl_optimizer.ops.freeu import FreeUConfig
+
+    return apply_freeu(model, FreeUConfig.from_preset("SDXL", "v1"), "matmul")
 
 
 def fp8_model(ctx: BenchContext, base, fused: bool) -> tuple[object, str]:
@@ -110,22 +149,25 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
         return _compile(model, *later)
 
     out = [
-        Variant(f"compiled, cfg {ctx.cfg}", lambda: _compile(base, backend, mode), 1, cfg),
-        Variant(f"compiled + CFG cutoff 50%, cfg {ctx.cfg}", lambda: _compile(_cutoff(base, 0.5), *later), 1,
+        Variant("plain", f"compiled, cfg {ctx.cfg}", lambda: _compile(base, backend, mode), 1, cfg),
+        Variant("cutoff", f"compiled + CFG cutoff 50%, cfg {ctx.cfg}", lambda: _compile(_cutoff(base, 0.5), *later), 1,
                 fallback),
-        Variant(f"compiled + DeepCache 3 + CFG cutoff 50%, cfg {ctx.cfg}",
+        Variant("deepcache_cutoff", f"compiled + DeepCache 3 + CFG cutoff 50%, cfg {ctx.cfg}",
                 lambda: _compile(_cutoff(_deepcache(base, 3), 0.5), *later), 2, fallback),
+        # FreeU's overhead where timings are stable (eager drifts by more than the 3% target)
+        Variant("freeu", f"compiled + FreeU SDXL v1 (matmul filter), cfg {ctx.cfg} (vs row 1)",
+                lambda: _compile(_freeu(base), *later), 1, fallback),
         # per-layer upcast first: in eager (bench fp8 case, H200) it beat the fused Triton matmul, and compiled
         # its cost is the upcast's memory traffic only (the per-layer Python and launches are gone)
-        Variant(f"fp8 (per-layer upcast) + compiled, cfg {ctx.cfg} (vs fp16 + compiled, row 1)",
+        Variant("fp8", f"fp8 (per-layer upcast) + compiled, cfg {ctx.cfg} (vs fp16 + compiled, row 1)",
                 lambda: fp8(False, upcast_notes), 1, fallback, upcast_notes),
     ]
     if cuda:  # lower priority: only if the time budget allows
-        out.append(Variant(f"compiled, cudagraphs backend (no Triton), cfg {ctx.cfg}",
+        out.append(Variant("cudagraphs", f"compiled, cudagraphs backend (no Triton), cfg {ctx.cfg}",
                            lambda: _compile(base, "cudagraphs", "default"), 1, "cudagraphs"))
-        out.append(Variant(f"fp8 (fused Triton matmul) + compiled, cfg {ctx.cfg}", lambda: fp8(True, fp8_notes),
+        out.append(Variant("fp8_fused", f"fp8 (fused Triton matmul) + compiled, cfg {ctx.cfg}", lambda: fp8(True, fp8_notes),
                            1, fallback, fp8_notes))
-    return out
+    return [v for v in out if not ROWS or v.key in ROWS]
 
 
 def run(ctx: BenchContext) -> None:
@@ -153,12 +195,17 @@ def run(ctx: BenchContext) -> None:
             first = last_run_stats()
             later = []
 
-            def once(model=model, later=later):
+            calls: list = []
+            timed = call_timer(model, calls) if cuda else model
+
+            def once(model=timed, later=later, calls=calls):
+                calls.clear()
                 out = ctx.sample(model)
                 later.append(last_run_stats())
                 return out
 
             m = ctx.measure(once)
+            per_call = call_ms_by_batch(calls) if cuda else {}
             last = later[-1]
             if first.warmup_graphs and first.warmup_seconds > 0:
                 per_graph_s = first.warmup_seconds / first.warmup_graphs
@@ -169,7 +216,7 @@ def run(ctx: BenchContext) -> None:
                         graphs_first_run=first.warmup_graphs + first.sampling_graphs,
                         graphs_later_runs=sum(r.warmup_graphs + r.sampling_graphs for r in later),
                         recompiles_mid_run=first.sampling_graphs + sum(r.sampling_graphs for r in later),
-                        compiled_calls=last.compiled_calls, eager_calls=last.eager_calls, notes=notes)
+                        compiled_calls=last.compiled_calls, eager_calls=last.eager_calls, **per_call, notes=notes)
         except Exception as e:  # one broken configuration must not lose the others' figures
             traceback.print_exc()
             ctx.add_row(CASE, v.name, config=v.config, notes=f"FAILED: {type(e).__name__}: {e}"[:300])

@@ -58,18 +58,26 @@ def run(ctx: BenchContext) -> None:
 
     base = ctx.base_model()
     dtype = str(ctx.dtype).replace("torch.", "")
-    ref = ctx.measure(lambda: ctx.sample(base))
-    ctx.add_row("deepcache", f"uncached comfyui {dtype}, cfg {ctx.cfg}", ref, speedup=1.0, extra_vram_gib=0.0,
-                shallow_calls=f"0/{ctx.steps}", notes="reference run (same seed) for speed and fidelity")
     summary = _LastSummary()
     level = dcn.log.level
     dcn.log.setLevel(logging.INFO)  # the summary line is INFO; the host's root logger may sit at WARNING
     dcn.log.addHandler(summary)
     try:
+        # the target row and its reference interleaved (eager drifts run to run; bench/common.py)
+        name0, kw0 = VARIANTS[0]
+        dc0 = dcn.apply_deepcache(base, DeepCacheConfig(**kw0))
+        pair = ctx.measure_interleaved({"ref": lambda: ctx.sample(base), "dc": lambda: ctx.sample(dc0)})
+        ref = pair["ref"]
+        ctx.add_row("deepcache", f"uncached comfyui {dtype}, cfg {ctx.cfg}", ref, speedup=1.0, extra_vram_gib=0.0,
+                    shallow_calls=f"0/{ctx.steps}", timing="interleaved with the next row",
+                    notes="reference run (same seed) for speed and fidelity")
         for name, kw in VARIANTS:
             try:
-                model = dcn.apply_deepcache(base, DeepCacheConfig(**kw))
-                m = ctx.measure(lambda model=model: ctx.sample(model))
+                if name == name0:
+                    m = pair["dc"]
+                else:
+                    model = dcn.apply_deepcache(base, DeepCacheConfig(**kw))
+                    m = ctx.measure(lambda model=model: ctx.sample(model))
             except Exception as e:  # one failing setting must not lose the others' figures
                 log.exception("deepcache bench: %s failed", name)
                 ctx.add_row("deepcache", f"DeepCache {name}", notes=f"FAILED {type(e).__name__}: {e}"[:300])

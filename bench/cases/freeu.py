@@ -2,7 +2,10 @@
 
 FreeU adds a few elementwise ops and the skip filter on 6 of the 9 output blocks; the target is <= 3%
 over the baseline. Rows: baseline, v1 with the default matmul filter, v1 with torch.fft (diffusers' form),
-v2 with matmul; each with its overhead against the baseline measured in this case.
+v2 with matmul; each with its overhead against the baseline measured in this case. The variants run
+interleaved (baseline, v1, v1 fft, v2; five rounds; medians): eager timings on a fast GPU drift by more
+than the overhead being measured, and interleaving spreads that drift over every variant. The compiled
+overhead (stable to ~0.3%) is a row of the compile case.
 """
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ def run(ctx: BenchContext) -> None:
     from sdxl_optimizer.ops.freeu import FreeUConfig
 
     base = ctx.base_model()
-    baseline = ctx.measure(lambda: ctx.sample(base))
-    ctx.add_row("freeu", f"baseline (no FreeU), cfg {ctx.cfg}", baseline, overhead_pct=0.0)
+    variants = {"baseline": base}
     for version, method in (("v1", "matmul"), ("v1", "fft"), ("v2", "matmul")):
-        model = apply_freeu(base, FreeUConfig.from_preset("SDXL", version), method)
-        m = ctx.measure(lambda model=model: ctx.sample(model))
-        ctx.add_row("freeu", f"FreeU SDXL preset {version}, {method} filter, cfg {ctx.cfg}", m,
-                    overhead_pct=round(100 * (m.seconds / baseline.seconds - 1), 2))
+        variants[f"{version} {method}"] = apply_freeu(base, FreeUConfig.from_preset("SDXL", version), method)
+    m = ctx.measure_interleaved({k: (lambda model=model: ctx.sample(model)) for k, model in variants.items()})
+    ref = m["baseline"]
+    ctx.add_row("freeu", f"baseline (no FreeU), cfg {ctx.cfg}", ref, overhead_pct=0.0, timing="interleaved")
+    for key in list(variants)[1:]:
+        version, method = key.split()
+        ctx.add_row("freeu", f"FreeU SDXL preset {version}, {method} filter, cfg {ctx.cfg}", m[key],
+                    overhead_pct=round(100 * (m[key].seconds / ref.seconds - 1), 2), timing="interleaved")

@@ -5,7 +5,10 @@ executor, on a card emulated by leaving only N GiB free, and compare each with t
     python -m bench.tiers --checkpoint my.safetensors   # your checkpoint (copied nowhere, read in place)
     python -m bench.tiers --small               # CPU smoke run with the tiny test model
 
-Prints a progress bar, the table, and which tier fits this card. Figures with random weights measure cost
+Prints a progress bar, the table, and which tier fits this card. Each tier runs `--rounds` times (default 3),
+interleaved with the others (round 1: every tier, round 2: every tier, ...), and its row is the median: eager
+SDXL on a fast GPU is launch-bound and drifts by up to ~20% between minutes, so one run per tier, or a block
+of runs per tier, would put that drift into the ratios against the baseline. Figures with random weights measure cost
 only; the fidelity column (final latent vs the baseline run of the same seed) is a random-weight figure too.
 """
 from __future__ import annotations
@@ -37,6 +40,18 @@ class TierResult:
     peak_gib: float
     latent: torch.Tensor
     steps: int
+    all_seconds: list[float] | None = None
+
+
+def median_result(runs: list[TierResult]) -> TierResult:
+    """The median run's time, the highest peak of all runs, the first run's latent (same seed every round)."""
+    import statistics
+
+    secs = [r.s_per_image for r in runs]
+    med = statistics.median(secs)
+    r0 = runs[0]
+    return TierResult(r0.name, r0.budget_gib, med, med / r0.steps, max(r.peak_gib for r in runs), r0.latent,
+                      r0.steps, secs)
 
 
 class CardEmulator:
@@ -154,22 +169,29 @@ def ensure_checkpoint(ctx: BenchContext, checkpoint: Path | None) -> str:
     return RANDOM_CKPT
 
 
-def run_all(ctx: BenchContext, checkpoint: Path | None = None, only: list[str] | None = None) -> list[dict]:
+def run_all(ctx: BenchContext, checkpoint: Path | None = None, only: list[str] | None = None,
+            rounds: int = 3) -> list[dict]:
     import make_workflows
     from tqdm import tqdm
 
     ckpt = ensure_checkpoint(ctx, checkpoint)
     tiers = [t for t in make_workflows.TIERS if only is None or t.name in only or t.name == BASELINE]
-    results: dict[str, TierResult] = {}
+    runs: dict[str, list[TierResult]] = {t.name: [] for t in tiers}
     failed: dict[str, str] = {}
-    for tier in tqdm(tiers, desc="tiers", unit="workflow"):
-        wf = json.loads((ROOT / "workflows" / f"{tier.name}.json").read_text()) if tier.shipped else \
-            tier.build().to_ui(__import__("workflow_graph").node_defs())
-        try:
-            results[tier.name] = run_tier(ctx, tier.name, wf, None if ctx.small else tier.emulate_gib, ckpt)
-        except Exception as e:  # one failing tier must not lose the others' figures
-            failed[tier.name] = f"FAILED: {type(e).__name__}: {e}"[:300]
-            print(f"[tiers] {tier.name}: {failed[tier.name]}", flush=True)
+    workflows = {t.name: json.loads((ROOT / "workflows" / f"{t.name}.json").read_text()) if t.shipped else
+                 t.build().to_ui(__import__("workflow_graph").node_defs()) for t in tiers}
+    with tqdm(total=rounds * len(tiers), desc="tiers", unit="run") as bar:
+        for _ in range(rounds):
+            for tier in tiers:
+                if tier.name not in failed:
+                    try:
+                        runs[tier.name].append(run_tier(ctx, tier.name, workflows[tier.name],
+                                                        None if ctx.small else tier.emulate_gib, ckpt))
+                    except Exception as e:  # one failing tier must not lose the others' figures
+                        failed[tier.name] = f"FAILED: {type(e).__name__}: {e}"[:300]
+                        print(f"[tiers] {tier.name}: {failed[tier.name]}", flush=True)
+                bar.update(1)
+    results = {name: median_result(r) for name, r in runs.items() if r and name not in failed}
     base = results.get(BASELINE)
     rows = []
     for tier in tiers:
@@ -182,7 +204,7 @@ def run_all(ctx: BenchContext, checkpoint: Path | None = None, only: list[str] |
         if base is not None:
             extra["x_vs_baseline_s_per_step"] = round(base.s_per_step / r.s_per_step, 2)
             extra.update(fidelity(r.latent, base.latent))
-        m = type("M", (), {"seconds": r.s_per_image, "peak_gib": r.peak_gib, "all_seconds": [r.s_per_image]})
+        m = type("M", (), {"seconds": r.s_per_image, "peak_gib": r.peak_gib, "all_seconds": r.all_seconds})
         rows.append(ctx.add_row("tiers", tier.name, m, steps=r.steps, **extra))
     return rows
 
@@ -202,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny model on the CPU (smoke test)")
     ap.add_argument("--tiers", default=None, help="comma list of tier names (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON (and .md) here")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="runs per tier, interleaved across tiers; the row is the median (default 3, --small 1)")
     args = ap.parse_args(argv)
     if args.checkpoint is not None and not args.checkpoint.is_file():
         print(f"error: expected a checkpoint file, {args.checkpoint} does not exist. Fix: pass the path of an SDXL "
@@ -212,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     ctx = BenchContext(small=args.small, out_dir=(args.out or Path(".")).parent)
-    rows = run_all(ctx, args.checkpoint, args.tiers.split(",") if args.tiers else None)
+    rounds = args.rounds or (1 if args.small else 3)
+    rows = run_all(ctx, args.checkpoint, args.tiers.split(",") if args.tiers else None, rounds)
     from .run import markdown
 
     meta = {"command": "python -m bench.tiers " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 
 from ..common import BenchContext
 
@@ -58,8 +59,9 @@ def run(ctx: BenchContext) -> None:
     base = ctx.base_model()
     per_sample = flops_per_sample(ctx, base)
     variants = [("full CFG", None), ("cutoff 50%", 0.5), ("cutoff 75%", 0.75)]
-    for batch in (1, 4):
-        config = "eager" if batch == 1 else "eager, compute-bound (UNet batch 8 with CFG)"
+    batches = [int(b) for b in os.environ.get("SDXLOPT_BENCH_CUTOFF_BATCHES", "1,4").split(",") if b]
+    for batch in batches:
+        config = "eager" if batch == 1 else f"eager, compute-bound (UNet batch {2 * batch} with CFG)"
         runs, traces = {}, {}
         for name, fraction in variants:
             sizes: list[int] = []

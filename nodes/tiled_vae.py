@@ -84,6 +84,18 @@ def offloads(vae) -> bool:
     return torch.device(vae.output_device) != torch.device(vae.device)
 
 
+def make_room(vae, wanted_bytes: float) -> None:
+    """Before auto tiling reads the free VRAM: let ComfyUI unload models the decode does not need (text
+    encoders, ...) until `wanted_bytes` are free (the whole image in one window), keeping the VAE and every
+    diffusion model loaded (the next run needs the UNet; reloading it costs more than small tiles). Core VAE
+    Decode asks for its whole decode in the same way, but may unload the UNet too."""
+    import comfy.model_base
+
+    keep = [lm for lm in mm.current_loaded_models
+            if lm.model is vae.patcher or isinstance(getattr(lm.model, "model", None), comfy.model_base.BaseModel)]
+    mm.free_memory(int(wanted_bytes), vae.device, keep_loaded=keep)
+
+
 def choose_tile(vae, stages, height: int, width: int, tile: int, overlap: int, decoding: bool) -> int:
     """Tile side in latent px: `tile`, or when 0 (auto) what fits the free VRAM; loads the VAE either way."""
     dtype_size = torch.finfo(vae.vae_dtype).bits // 8
@@ -93,6 +105,8 @@ def choose_tile(vae, stages, height: int, width: int, tile: int, overlap: int, d
     mm.load_models_gpu([vae.patcher], memory_required=p.peak_bytes)
     if tile:
         return tile
+    make_room(vae, plan(stages, height, width, max(height, width), overlap, dtype_size, decoding=decoding,
+                        offload=off).peak_bytes / AUTO_BUDGET)
     free = mm.get_free_memory(vae.device)
     tile = auto_tile(stages, height, width, overlap, dtype_size, free * AUTO_BUDGET, decoding, offload=off)
     # ask ComfyUI to make room for the chosen plan too (it may offload the UNet), with margin for conv workspaces

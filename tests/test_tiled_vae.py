@@ -201,6 +201,32 @@ def test_auto_tile_follows_the_budget(vae):
     assert side < 32 and len(p.tiles) > 1 and p.peak_bytes <= whole / 3, f"expected tiles within the budget: {p}"
 
 
+def test_auto_tile_first_makes_room_from_models_the_decode_does_not_need(vae, monkeypatch):
+    """Auto mode asks ComfyUI for the whole image's memory before reading the free VRAM, and lets it unload
+    only models other than the VAE and the diffusion models (text encoders): a larger tile, no UNet reload."""
+    import comfy.model_base
+    import comfy.model_management as mm
+
+    class Loaded:  # a LoadedModel stand-in: only .model is read
+        def __init__(self, model):
+            self.model = model
+
+    unet = Loaded(type("Patcher", (), {"model": comfy.model_base.BaseModel.__new__(comfy.model_base.BaseModel)})())
+    clip = Loaded(type("Patcher", (), {"model": torch.nn.Linear(1, 1)})())
+    own = Loaded(vae.patcher)
+    monkeypatch.setattr(mm, "current_loaded_models", [clip, unet, own])
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: None)
+    calls = []
+    monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=(): calls.append((need, keep_loaded)))
+    fsm = vae.first_stage_model
+    stages = tv.decoder_stages(fsm.decoder, fsm.post_quant_conv)
+    nv.choose_tile(vae, stages, 32, 40, 0, 4, decoding=True)
+    whole = tv.plan(stages, 32, 40, 40, 4, torch.finfo(vae.vae_dtype).bits // 8, decoding=True,
+                    offload=nv.offloads(vae)).peak_bytes
+    need, keep = calls[0]
+    assert need == int(whole / nv.AUTO_BUDGET) and keep == [unet, own], "text encoders may go, UNet and VAE stay"
+
+
 def test_progress_bar_counts_every_tile_of_every_pass(vae, latent, monkeypatch):
     calls = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda v, total, preview, node_id=None: calls.append((v, total)))

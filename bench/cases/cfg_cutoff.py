@@ -58,7 +58,8 @@ def run(ctx: BenchContext) -> None:
 
     base = ctx.base_model()
     per_sample = flops_per_sample(ctx, base)
-    variants = [("full CFG", None), ("cutoff 50%", 0.5), ("cutoff 75%", 0.75)]
+    fractions = [float(f) for f in os.environ.get("SDXLOPT_BENCH_CUTOFF_FRACTIONS", "0.5,0.75").split(",") if f]
+    variants = [("full CFG", None)] + [(f"cutoff {round(100 * f)}%", f) for f in fractions]
     batches = [int(b) for b in os.environ.get("SDXLOPT_BENCH_CUTOFF_BATCHES", "1,4").split(",") if b]
     for batch in batches:
         config = "eager" if batch == 1 else f"eager, compute-bound (UNet batch {2 * batch} with CFG)"

@@ -9,7 +9,13 @@ overhead (stable to ~0.3%) is a row of the compile case.
 """
 from __future__ import annotations
 
+import os
+
 from ..common import BenchContext
+
+# which FreeU variants run (default all) and how many interleaved rounds (default 5): a GPU lease is short
+VARIANTS = [v for v in os.environ.get("SDXLOPT_BENCH_FREEU_VARIANTS", "v1 matmul,v1 fft,v2 matmul").split(",") if v]
+ROUNDS = int(os.environ.get("SDXLOPT_BENCH_FREEU_ROUNDS", "0")) or None
 
 
 def run(ctx: BenchContext) -> None:
@@ -18,9 +24,11 @@ def run(ctx: BenchContext) -> None:
 
     base = ctx.base_model()
     variants = {"baseline": base}
-    for version, method in (("v1", "matmul"), ("v1", "fft"), ("v2", "matmul")):
-        variants[f"{version} {method}"] = apply_freeu(base, FreeUConfig.from_preset("SDXL", version), method)
-    m = ctx.measure_interleaved({k: (lambda model=model: ctx.sample(model)) for k, model in variants.items()})
+    for key in VARIANTS:
+        version, method = key.split()
+        variants[key] = apply_freeu(base, FreeUConfig.from_preset("SDXL", version), method)
+    m = ctx.measure_interleaved({k: (lambda model=model: ctx.sample(model)) for k, model in variants.items()},
+                                rounds=ROUNDS)
     ref = m["baseline"]
     ctx.add_row("freeu", f"baseline (no FreeU), cfg {ctx.cfg}", ref, overhead_pct=0.0, timing="interleaved")
     for key in list(variants)[1:]:

@@ -50,9 +50,11 @@ def _clock_callback(clock: StepClock, callback: Callable | None) -> Callable:
 
 
 def per_run_wrapper(key: str, state_type: type, begin: Callable[[Any, Any, torch.Tensor | None], None],
-                    log: logging.Logger, fmt: str = "%s") -> Callable:
+                    log: logging.Logger, fmt: str = "%s", end: Callable[[Any], None] | None = None,
+                    clock: bool = True) -> Callable:
     """An OUTER_SAMPLE wrapper: fresh state of `state_type` from transformer_options[key] for each run, with
-    a StepClock on the run's sigmas; begin(guider, state, sigmas) plans the run; summary logged in finally."""
+    a StepClock on the run's sigmas (unless clock=False); begin(guider, state, sigmas) plans the run; in
+    finally end(state) (default: log its summary()), then state.reset()."""
 
     def outer_sample_wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
@@ -65,7 +67,8 @@ def per_run_wrapper(key: str, state_type: type, begin: Callable[[Any, Any, torch
                 state = topts[key] = topts[key].clone()
                 bound = _bind(guider.outer_sample, args, kwargs)
                 sigmas = bound.arguments.get("sigmas") if bound is not None else None
-                if torch.is_tensor(sigmas) and sigmas.numel() > 1 and "callback" in (bound.signature.parameters):
+                if (clock and torch.is_tensor(sigmas) and sigmas.numel() > 1
+                        and "callback" in bound.signature.parameters):
                     # one host copy of the schedule per run; from then on the callback counts the steps
                     state.clock = StepClock(sigmas.reshape(-1).tolist(), _counting(bound.arguments.get("sampler")))
                     bound.arguments["callback"] = _clock_callback(state.clock, bound.arguments.get("callback"))
@@ -74,10 +77,13 @@ def per_run_wrapper(key: str, state_type: type, begin: Callable[[Any, Any, torch
             return executor(*args, **kwargs)
         finally:
             if state is not None:
-                log.info(fmt, state.summary())
-                clock = getattr(state, "clock", None)
-                if clock is not None and clock.why_reading:
-                    log.info("%s", fmt % clock.why_reading)
+                if end is not None:
+                    end(state)
+                else:
+                    log.info(fmt, state.summary())
+                    run_clock = getattr(state, "clock", None)
+                    if run_clock is not None and run_clock.why_reading:
+                        log.info("%s", fmt % run_clock.why_reading)
                 state.reset()
             guider.model_options = orig_options
 

@@ -44,6 +44,7 @@ from comfy_api.latest import io
 from ..ops import compile as cops
 from ..ops.compile import CompileConfig, CompileRunStats
 from . import ADVANCED, CATEGORY
+from ._run import per_run_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -438,25 +439,17 @@ def _drop_core_compile(topts: dict) -> None:
                   "it for this run (compiling twice would retrace every step). Fix: remove one of the two nodes.")
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """Per run: a fresh CompiledPath, our wrapper innermost, the compiler checked; one summary line."""
-    guider = executor.class_obj
-    orig_options = guider.model_options
-    path = None
-    try:
-        guider.model_options = comfy.model_patcher.create_model_options_clone(orig_options)
-        topts = guider.model_options.setdefault("transformer_options", {})
-        if isinstance(topts.get(KEY), CompiledPath):
-            path = topts[KEY] = topts[KEY].clone()
-            _move_innermost(topts)
-            _drop_core_compile(topts)
-            path.begin(guider.model_patcher.load_device)
-        return executor(*args, **kwargs)
-    finally:
-        if path is not None:
-            path.finish()
-            path.reset()
-        guider.model_options = orig_options
+def _begin_run(guider, path: CompiledPath, sigmas) -> None:
+    """Our wrapper innermost, core's compile dropped, the compiler checked for this device."""
+    topts = guider.model_options["transformer_options"]
+    _move_innermost(topts)
+    _drop_core_compile(topts)
+    path.begin(guider.model_patcher.load_device)
+
+
+# per run: a fresh CompiledPath, one summary line (finish), reset in finally
+outer_sample_wrapper = per_run_wrapper(KEY, CompiledPath, _begin_run, log, end=lambda path: path.finish(),
+                                       clock=False)
 
 
 def apply_compile(model, config: CompileConfig):

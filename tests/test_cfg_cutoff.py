@@ -305,19 +305,26 @@ def test_post_cfg_functions_see_the_positive_prediction_after_the_cutoff_and_one
     assert len(lines) == 1 and "2 of 3" in lines[0], f"expected one summary line per run, got {lines}"
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun", "uni_pc"])
-def test_decisions_come_from_the_sampler_callback_without_reading_the_sigma(base, sampler, monkeypatch):
-    """A device read per call (float(timestep)) is a GPU sync per step; the run's step clock counts the
-    sampler's callbacks instead, with the same decisions as the sigma (batch 1 exactly past the cutoff)."""
+def sample_counting_sigma_reads(base, sampler: str, steps: int, monkeypatch) -> tuple[list, list]:
+    """A cutoff-50% run with `sampler`: (UNet batch and sigma of every call, one entry per device read of a
+    call's sigma by the cutoff)."""
     import sdxl_optimizer.nodes.cfg_cutoff as ccn
 
-    reads = []
+    reads: list = []
     real = ccn._sigma_of
     monkeypatch.setattr(ccn, "_sigma_of", lambda t: reads.append(1) or real(t))
     batches: list = []
     pos, neg = factories.random_conditioning(1), factories.random_conditioning(2)
     m = record_batches(apply_cfg_cutoff(base, 0.5), batches)
-    nodes.common_ksampler(m, 0, 4, 5.0, sampler, "normal", pos, neg, {"samples": torch.zeros(1, 4, 8, 8)})
+    nodes.common_ksampler(m, 0, steps, 5.0, sampler, "normal", pos, neg, {"samples": torch.zeros(1, 4, 8, 8)})
+    return batches, reads
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun", "uni_pc"])
+def test_decisions_come_from_the_sampler_callback_without_reading_the_sigma(base, sampler, monkeypatch):
+    """A device read per call (float(timestep)) is a GPU sync per step; the run's step clock counts the
+    sampler's callbacks instead, with the same decisions as the sigma (batch 1 exactly past the cutoff)."""
+    batches, reads = sample_counting_sigma_reads(base, sampler, 4, monkeypatch)
     sigmas = comfy.samplers.KSampler(base, steps=4, device="cpu", sampler=sampler, scheduler="normal").sigmas
     cut = float(sigmas[first_unguided_step(4, 0.5)])
     assert [b for b, _ in batches] == [1 if s <= cut * (1 + 1e-5) else 2 for _, s in batches]
@@ -328,15 +335,7 @@ def test_decisions_come_from_the_sampler_callback_without_reading_the_sigma(base
 def test_a_sampler_off_the_schedule_falls_back_to_reading_sigmas(base, monkeypatch):
     """dpm_fast picks its own sigmas: its callback steps do not index the schedule, so each call's sigma is
     read (the old exact behaviour) and the cutoff still follows the sigma."""
-    import sdxl_optimizer.nodes.cfg_cutoff as ccn
-
-    reads = []
-    real = ccn._sigma_of
-    monkeypatch.setattr(ccn, "_sigma_of", lambda t: reads.append(1) or real(t))
-    batches: list = []
-    pos, neg = factories.random_conditioning(1), factories.random_conditioning(2)
-    m = record_batches(apply_cfg_cutoff(base, 0.5), batches)
-    nodes.common_ksampler(m, 0, 6, 5.0, "dpm_fast", "normal", pos, neg, {"samples": torch.zeros(1, 4, 8, 8)})
+    batches, reads = sample_counting_sigma_reads(base, "dpm_fast", 6, monkeypatch)
     assert len(reads) == len(batches)
     assert {b for b, _ in batches} == {1, 2}
 

@@ -40,13 +40,8 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
     state: CFGCutoffState | None = topts.get(KEY)
     if state is None or not has_guidance_conds(conds):  # cfg 1, or a single-cond call (PAG, SAG, ...)
         return executor(model, conds, x_in, timestep, model_options)
-    clock = state.clock
-    if clock is not None:  # the step from the sampler's callback: no GPU read (ops/steps.py)
-        sigma = clock.sigma_at(clock.step_of_call(lambda: _sigma_of(timestep)))
-        unguided = state.is_past_cutoff(sigma, clock.sigmas)
-    else:  # called outside a sampling run we saw begin: read the call's sigma (one device sync)
-        sigma = _sigma_of(timestep)
-        unguided = state.is_past_cutoff(sigma, topts.get("sample_sigmas"))
+    # the step from the sampler's callback (ops/steps.py); the sigma is read from the device only as a fallback
+    sigma, unguided = state.call_past_cutoff(lambda: _sigma_of(timestep), topts.get("sample_sigmas"))
     state.record(sigma, unguided)
     if not unguided:
         return executor(model, conds, x_in, timestep, model_options)

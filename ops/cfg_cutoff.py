@@ -10,7 +10,7 @@ and sets the guidance scale to 0, so that step is still guided and every later s
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +103,17 @@ class CFGCutoffState:
         """True when the model call at `sigma` should compute the positive prompt only."""
         cut = self.threshold(schedule)
         return cut is not None and sigma <= cut * (1.0 + SIGMA_REL_TOL)
+
+    def call_past_cutoff(self, read_sigma: Callable[[], float],
+                         schedule: torch.Tensor | Sequence[float] | None) -> tuple[float, bool]:
+        """(sigma, past the cutoff) for the current model call. With the run's StepClock: the sigma of the
+        call's step in the host copy of the schedule (no device read); without one (a call outside a run the
+        OUTER_SAMPLE wrapper saw begin): `read_sigma()` (a device sync) against `schedule`."""
+        if self.clock is not None:
+            sigma = self.clock.sigma_at(self.clock.step_of_call(read_sigma))
+            return sigma, self.is_past_cutoff(sigma, self.clock.sigmas)
+        sigma = read_sigma()
+        return sigma, self.is_past_cutoff(sigma, schedule)
 
     def record(self, sigma: float, unguided: bool) -> None:
         if unguided:

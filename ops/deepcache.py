@@ -175,22 +175,13 @@ class DeepCacheState:
             self.full_mask = full_step_mask(in_window, replace(self.config, schedule="uniform"))
         return self
 
-    def step(self, sigma: float) -> int:
-        return step_index(sigma, self.sample_sigmas)
-
-    def is_full_step(self, sigma: float) -> bool:
-        """Whether the schedule runs the whole UNet at `sigma` (True when unprepared)."""
-        if not self.prepared:
-            return True
-        return self.full_mask[self.step(sigma)]
-
     def is_full_call(self, read_sigma: Callable[[], float]) -> bool:
-        """Whether the current UNet call runs the whole UNet: its step from the run's StepClock (no device
-        read) when there is one, else from its sigma (`read_sigma()`, a device sync)."""
+        """Whether the current UNet call runs the whole UNet (True when unprepared): its step from the run's
+        StepClock (no device read) when there is one, else from its sigma (`read_sigma()`, a device sync)."""
         if not self.prepared:
             return True
         if self.clock is None:
-            return self.is_full_step(read_sigma())
+            return self.full_mask[step_index(read_sigma(), self.sample_sigmas)]
         return self.full_mask[self.clock.step_of_call(read_sigma)]
 
     def lookup(self, keys: Sequence[Hashable], latent: torch.Tensor) -> torch.Tensor | None:

@@ -122,9 +122,6 @@ def masked_frequencies(n: int, threshold: int = THRESHOLD) -> list[int]:
     return [(r - c) % n for r in range(n)[slice(c - threshold, c + threshold)]]
 
 
-_BASES: dict[tuple[int, int, str], torch.Tensor] = {}
-
-
 def _real_basis(n: int, threshold: int, device: torch.device) -> torch.Tensor:
     """(4K, n) fp32: cos and sin rows of the masked frequencies, then the same rotated ([sin; -cos])."""
     # built on `device`: under torch.compile a CPU tensor here would put CPU ops in the GPU graph (no CUDA graphs)
@@ -134,16 +131,6 @@ def _real_basis(n: int, threshold: int, device: torch.device) -> torch.Tensor:
     angle = (2 * math.pi / n) * torch.outer(k, torch.arange(n, dtype=wide, device=device))
     cos, sin = torch.cos(angle), torch.sin(angle)
     return torch.cat((cos, sin, sin, -cos)).to(device=device, dtype=torch.float32)
-
-
-def real_basis(n: int, threshold: int, device: torch.device) -> torch.Tensor:
-    if _is_compiling():  # traced: built in the graph and constant-folded, no Python cache under the compiler
-        return _real_basis(n, threshold, device)
-    key = (n, threshold, str(device))
-    basis = _BASES.get(key)
-    if basis is None:
-        basis = _BASES[key] = _real_basis(n, threshold, device)
-    return basis
 
 
 def _is_compiling() -> bool:
@@ -160,10 +147,10 @@ def _lowpass_operators(h: int, w: int, threshold: int, device: torch.device) -> 
     """(V, U), fp32, with (x_flat @ V) @ U = the masked frequencies of x, x_flat = x.reshape(-1, h * w).
 
     The masked part of the (h, w) spectrum is Ay^T (Q - Q') Ax / (h w) with Q = Ay1 x Ax1^T and Q' = Ay2 x Ax2^T
-    (the cos/sin rows of real_basis and their rotation); flattened, that is a rank-r product with
+    (the cos/sin rows of _real_basis and their rotation); flattened, that is a rank-r product with
     V = (Ay1 (x) Ax1 - Ay2 (x) Ax2)^T (h w x r) and U = (Ay1 (x) Ax1) / (h w) (r x h w), r = ky kx rows of
     the two bases (16 for threshold 1): two small matmuls and a handful of kernels per call, where the separable form needs ~80 ops."""
-    ay, ax = real_basis(h, threshold, device), real_basis(w, threshold, device)
+    ay, ax = _real_basis(h, threshold, device), _real_basis(w, threshold, device)
     ky, kx = ay.shape[0] // 2, ax.shape[0] // 2
     top = _kron(ay[:ky], ax[:kx])  # (ky kx, h w): the cos/sin rows, also the synthesis rows
     v = (top - _kron(ay[ky:], ax[kx:])).transpose(0, 1).contiguous()
@@ -174,7 +161,7 @@ _OPERATORS: dict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] =
 
 
 def lowpass_operators(h: int, w: int, threshold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if _is_compiling():  # traced: built in the graph and constant-folded
+    if _is_compiling():  # traced: built in the graph and constant-folded, no Python cache under the compiler
         return _lowpass_operators(h, w, threshold, device)
     key = (h, w, threshold, str(device))
     ops = _OPERATORS.get(key)

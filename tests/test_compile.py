@@ -385,11 +385,6 @@ def _cpu_tensors_in_graph(model, transformer_options: dict) -> list[str]:
     return found
 
 
-FREEU_CPU_OPS = ("ops/freeu.py:130-131 (_real_basis) builds the Fourier basis with torch.tensor / torch.arange "
-                 "without device=, so under torch.compile they are CPU ops in the GPU graph and inductor skips "
-                 "CUDA graphs for the whole UNet; fix: pass device=device to both (see docs/nodes/compile.md)")
-
-
 @pytest.mark.parametrize("stack", [
     "fp8",  # the fp8 layers' cast path plus every op of the plain forward
     "freeu",

@@ -32,8 +32,9 @@ AUTO_BUDGET = 0.5  # share of the free VRAM (after loading the VAE) that auto ti
 MIN_AUTO_TILE = 64  # latent px (512 px): the memory asked of ComfyUI up front when tiling is auto
 
 
-def tooltips(what: str) -> dict[str, str]:
-    return {
+def tiling_inputs(what: str) -> list:
+    """The tile_size / overlap / groupnorm inputs of the decode ("Decode") and encode ("Encode") nodes."""
+    tips = {
         "tile_size": (f"Tile side in image pixels (a multiple of 8): the memory one tile takes. 0 = auto: the "
                       f"largest tile that fits the free VRAM, and no tiling at all when the whole image fits (then "
                       f"it equals plain VAE {what}). 512 uses about as much memory as core VAE {what} (Tiled) at "
@@ -46,6 +47,11 @@ def tooltips(what: str) -> dict[str, str]:
                       "global_fast: one estimation pass (close, faster). tile: each tile uses its own statistics "
                       "(one pass, fastest; may show colour shifts between tiles)."),
     }
+    return [
+        io.Int.Input("tile_size", default=0, min=0, max=8192, step=64, tooltip=tips["tile_size"]),
+        io.Int.Input("overlap", default=64, min=0, max=4096, step=8, tooltip=tips["overlap"]),
+        io.Combo.Input("groupnorm", options=list(GROUPNORM_MODES), default="global", tooltip=tips["groupnorm"]),
+    ]
 
 
 def fsm_reason(vae, decoding: bool) -> str | None:
@@ -61,8 +67,9 @@ def fsm_reason(vae, decoding: bool) -> str | None:
     return unsupported_reason(decoder=net) if decoding else unsupported_reason(encoder=net)
 
 
-def check_sizes(tile_size: int, overlap: int, node: str) -> None:
-    """Pixel tile/overlap: multiples of 8, overlap >= 0, tile 0 (auto) or at least twice the overlap."""
+def check_settings(tile_size: int, overlap: int, groupnorm: str, node: str) -> None:
+    """Pixel tile/overlap: multiples of 8, overlap >= 0, tile 0 (auto) or at least twice the overlap; a known
+    GroupNorm mode."""
     for name, v in (("tile_size", tile_size), ("overlap", overlap)):
         if v < 0 or v % 8:
             raise ValueError(f"{node}: expected {name} to be a multiple of 8 pixels (the VAE's scale) and >= 0, "
@@ -71,6 +78,8 @@ def check_sizes(tile_size: int, overlap: int, node: str) -> None:
         raise ValueError(f"{node}: expected tile_size at least twice the overlap, got tile_size {tile_size} and "
                          f"overlap {overlap}. Fix: raise tile_size to {2 * overlap} or lower overlap to "
                          f"{tile_size // 2 // 8 * 8}.")
+    if groupnorm not in GROUPNORM_MODES:
+        raise ValueError(f"{node}: expected groupnorm in {list(GROUPNORM_MODES)}, got {groupnorm!r}.")
 
 
 def fit_overlap(overlap: int, height: int, width: int) -> int:
@@ -131,7 +140,6 @@ class Progress:
 class TiledVAEDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        tips = tooltips("Decode")
         return io.Schema(
             node_id="SDXLOptTiledVAEDecode",
             display_name="SDXLOpt Tiled VAE Decode",
@@ -143,10 +151,7 @@ class TiledVAEDecode(io.ComfyNode):
             inputs=[
                 io.Latent.Input("samples", tooltip="The latent to decode. It is not modified."),
                 io.Vae.Input("vae", tooltip="The full VAE (AutoencoderKL: SDXL, SD1.x). It is not modified."),
-                io.Int.Input("tile_size", default=0, min=0, max=8192, step=64, tooltip=tips["tile_size"]),
-                io.Int.Input("overlap", default=64, min=0, max=4096, step=8, tooltip=tips["overlap"]),
-                io.Combo.Input("groupnorm", options=list(GROUPNORM_MODES), default="global",
-                               tooltip=tips["groupnorm"]),
+                *tiling_inputs("Decode"),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
@@ -154,9 +159,7 @@ class TiledVAEDecode(io.ComfyNode):
     @classmethod
     def execute(cls, samples: dict, vae, tile_size: int, overlap: int, groupnorm: str) -> io.NodeOutput:
         node = "SDXLOpt Tiled VAE Decode"
-        check_sizes(tile_size, overlap, node)
-        if groupnorm not in GROUPNORM_MODES:
-            raise ValueError(f"{node}: expected groupnorm in {list(GROUPNORM_MODES)}, got {groupnorm!r}.")
+        check_settings(tile_size, overlap, groupnorm, node)
         vae.throw_exception_if_invalid()
         z = samples["samples"]
         reason = fsm_reason(vae, decoding=True)
@@ -196,7 +199,6 @@ def fallback_decode(vae, z: torch.Tensor, tile_size: int, overlap: int, reason: 
 class TiledVAEEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        tips = tooltips("Encode")
         return io.Schema(
             node_id="SDXLOptTiledVAEEncode",
             display_name="SDXLOpt Tiled VAE Encode",
@@ -207,10 +209,7 @@ class TiledVAEEncode(io.ComfyNode):
             inputs=[
                 io.Image.Input("pixels", tooltip="The image to encode (RGB; alpha is ignored). It is not modified."),
                 io.Vae.Input("vae", tooltip="The full VAE (AutoencoderKL: SDXL, SD1.x). It is not modified."),
-                io.Int.Input("tile_size", default=0, min=0, max=8192, step=64, tooltip=tips["tile_size"]),
-                io.Int.Input("overlap", default=64, min=0, max=4096, step=8, tooltip=tips["overlap"]),
-                io.Combo.Input("groupnorm", options=list(GROUPNORM_MODES), default="global",
-                               tooltip=tips["groupnorm"]),
+                *tiling_inputs("Encode"),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
@@ -218,9 +217,7 @@ class TiledVAEEncode(io.ComfyNode):
     @classmethod
     def execute(cls, pixels: torch.Tensor, vae, tile_size: int, overlap: int, groupnorm: str) -> io.NodeOutput:
         node = "SDXLOpt Tiled VAE Encode"
-        check_sizes(tile_size, overlap, node)
-        if groupnorm not in GROUPNORM_MODES:
-            raise ValueError(f"{node}: expected groupnorm in {list(GROUPNORM_MODES)}, got {groupnorm!r}.")
+        check_settings(tile_size, overlap, groupnorm, node)
         vae.throw_exception_if_invalid()
         reason = fsm_reason(vae, decoding=False)
         if reason is not None:

@@ -17,7 +17,7 @@ from sdxl_optimizer.ops.cfg_cutoff import (
     first_unguided_step,
     last_guided_step,
 )
-from tinymodels import bridge, factories
+from tinymodels import bridge, factories, prompts
 
 WrappersMP = comfy.patcher_extension.WrappersMP
 # the cutoff works on the cond batch and is model-agnostic: a smaller UNet than the tiny SDXL keeps these fast
@@ -408,25 +408,7 @@ def test_node_never_changes_the_model_it_was_given(base):
 
 
 def test_original_and_patched_model_in_one_prompt(run_prompt):
-    def prompt(with_patched: bool) -> dict:
-        p = {
-            "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "taesd"}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
-            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "6": {"class_type": "KSampler", "inputs": {
-                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-                "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            "8": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "cfgcut"}},
-        }
-        if with_patched:
-            p["5"] = {"class_type": "SDXLOptCFGCutoff", "inputs": {"model": ["1", 0], "fraction": 0.0, "sigma": 0.0}}
-            p["7"] = {"class_type": "KSampler", "inputs": {**p["6"]["inputs"], "model": ["5", 0]}}
-            p["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "cfgcut"}}
-        return p
-
-    both = run_prompt(prompt(True))
-    alone = run_prompt(prompt(False))
-    original = both.output("6")[0]["samples"]
-    assert torch.equal(original, alone.output("6")[0]["samples"]), "the original model's output changed"
-    assert not torch.equal(original, both.output("7")[0]["samples"])
+    original, patched = prompts.original_and_patched(
+        run_prompt, {"class_type": "SDXLOptCFGCutoff", "inputs": {"fraction": 0.0, "sigma": 0.0}},
+        negative="blurry", prefix="cfgcut")
+    assert not torch.equal(original, patched)

@@ -16,7 +16,7 @@ import torch
 
 from sdxl_optimizer.nodes import deepcache as dcn
 from sdxl_optimizer.ops import deepcache as dco
-from tinymodels import bridge, factories
+from tinymodels import bridge, factories, prompts
 
 STEPS = 5  # interval 3: full steps 0 and 3, shallow 1, 2 and 4
 SIZE = 8  # latent side (64 px)
@@ -319,31 +319,9 @@ def test_cache_follows_the_batch_when_the_uncond_leaves_mid_run(tiny):
 # ---------------------------------------------------------------- node, prompts, isolation, bad input
 
 def test_node_in_a_prompt_leaves_the_original_model_unchanged(run_prompt):
-    def prompt(with_cached: bool) -> dict:
-        p = {
-            "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "taesd"}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "6": {"class_type": "KSampler", "inputs": {
-                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-                "seed": 3, "steps": STEPS, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
-                "denoise": 1.0}},
-            "8": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "dc"}},
-        }
-        if with_cached:
-            p["5"] = {"class_type": "SDXLOptDeepCache", "inputs": {
-                "model": ["1", 0], "cache_interval": 3, "cache_branch_id": 0, "start_percent": 0.0,
-                "end_percent": 1.0, "schedule": "uniform", "nonuniform_center": 0.3, "nonuniform_power": 1.4}}
-            p["7"] = dict(p["6"], inputs=dict(p["6"]["inputs"], model=["5", 0]))
-            p["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "dc"}}
-        return p
-
-    both = run_prompt(prompt(True))
-    alone = run_prompt(prompt(False))
-    original = alone.output("6")[0]["samples"]
-    assert torch.equal(both.output("6")[0]["samples"], original), "the original model's output changed"
-    cached = both.output("7")[0]["samples"]
+    original, cached = prompts.original_and_patched(run_prompt, {"class_type": "SDXLOptDeepCache", "inputs": {
+        "cache_interval": 3, "cache_branch_id": 0, "start_percent": 0.0, "end_percent": 1.0, "schedule": "uniform",
+        "nonuniform_center": 0.3, "nonuniform_power": 1.4}}, steps=STEPS, seed=3, prefix="dc")
     assert torch.isfinite(cached).all() and not torch.equal(cached, original)
 
 

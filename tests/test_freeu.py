@@ -25,7 +25,7 @@ from sdxl_optimizer.ops.freeu import (
     fourier_filter_matmul,
     masked_frequencies,
 )
-from tinymodels import bridge, factories
+from tinymodels import bridge, factories, prompts
 
 # the tiny SDXL with SDXL's channel layout (x1, x2, x4): here channel-keyed and stage-keyed FreeU disagree
 SDXL_LAYOUT = dict(factories.TINY_UNET_CONFIG, model_channels=32, channel_mult=[1, 2, 4])
@@ -278,26 +278,7 @@ def test_node_never_changes_the_model_it_was_given(tiny):
 
 
 def test_original_and_patched_model_in_one_prompt(run_prompt):
-    def prompt(with_patched: bool) -> dict:
-        p = {
-            "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "taesd"}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "6": {"class_type": "KSampler", "inputs": {
-                "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["4", 0],
-                "seed": 1, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            "8": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "freeu"}},
-        }
-        if with_patched:
-            p["5"] = {"class_type": "SDXLOptFreeU", "inputs": {
-                "model": ["1", 0], "preset": "SDXL", "version": "v1", "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2,
-                "fourier": "matmul"}}
-            p["7"] = {"class_type": "KSampler", "inputs": {**p["6"]["inputs"], "model": ["5", 0]}}
-            p["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "freeu"}}
-        return p
-
-    both = run_prompt(prompt(True))
-    alone = run_prompt(prompt(False))
-    original = both.output("6")[0]["samples"]
-    assert torch.equal(original, alone.output("6")[0]["samples"]), "the original model's output changed"
-    assert not torch.equal(original, both.output("7")[0]["samples"])
+    original, patched = prompts.original_and_patched(run_prompt, {"class_type": "SDXLOptFreeU", "inputs": {
+        "preset": "SDXL", "version": "v1", "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2, "fourier": "matmul"}},
+        negative=None, cfg=1.0, prefix="freeu")
+    assert not torch.equal(original, patched)

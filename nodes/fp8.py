@@ -323,7 +323,7 @@ class Fp8CheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, ckpt_name: str, weight_dtype: str = "auto", fused_matmul: bool = True) -> io.NodeOutput:
+    def execute(cls, ckpt_name: str, weight_dtype: str = "auto", fused_matmul: bool = False) -> io.NodeOutput:
         plan = make_plan(weight_dtype, fused_matmul)
         path = resolve_file("checkpoints", ckpt_name)
         check_kind(path, ckpt_name, accept=("checkpoint",))
@@ -353,7 +353,7 @@ class Fp8UNetLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, unet_name: str, weight_dtype: str = "auto", fused_matmul: bool = True) -> io.NodeOutput:
+    def execute(cls, unet_name: str, weight_dtype: str = "auto", fused_matmul: bool = False) -> io.NodeOutput:
         plan = make_plan(weight_dtype, fused_matmul)
         path = resolve_file("diffusion_models", unet_name)
         check_kind(path, unet_name, accept=("unet", "unet_diffusers", "checkpoint"))

@@ -40,23 +40,33 @@ LORA_MARKERS = ("lora_up", "lora_down", "lora_A.", "lora_B.", ".hada_", ".lokr_"
 # custom_operations: the stock loaders build the UNet with these classes
 # ---------------------------------------------------------------------------------------------------------
 
+def _host_free(layer) -> bool:
+    """The host has nothing to do to this layer's weights at compute time: no weight/bias functions (a LoRA
+    in low-VRAM mode, weight wrappers), no low-VRAM functions and no dynamic-VRAM staging (`_v`). Plain
+    dict lookups: nn.Module's __getattr__ miss path (what hasattr/getattr take here) costs microseconds,
+    and this runs for every layer of every step."""
+    d = layer.__dict__
+    return (not layer.weight_function and not layer.bias_function and d.get("weight_lowvram_function") is None
+            and d.get("bias_lowvram_function") is None and "_v" not in d and "_v" not in layer._parameters
+            and "_v" not in layer._buffers)
+
+
+def _on(t: torch.Tensor | None, input: torch.Tensor, dtype: bool) -> bool:
+    return t is None or (t.device == input.device and (not dtype or t.dtype == input.dtype))
+
+
 class Fp8Layer(fp8ops.Fp8WeightStorage):
-    """ComfyUI side of an fp8-stored layer: `fp8_fused` is fixed per ops class (never per step)."""
+    """ComfyUI side of an fp8-stored layer: `fp8_fused` is fixed per ops class (never per step).
+
+    forward() computes directly when the weights sit on the input's device and the host has nothing to do to
+    them (the common case: a fully loaded model): one upcast and the op, without comfy.ops' cast helper,
+    whose per-call Python work is what made an eager fp8 SDXL step CPU-bound. Anything else (offloaded
+    layers, LoRA weight functions) goes through the host's forward and forward_comfy_cast_weights."""
 
     fp8_fused = False
 
-    def fp8_has_weight_functions(self) -> bool:
-        """The host applies something to the weight at compute time (a LoRA in low-VRAM mode, weight wrappers)."""
-        return (bool(self.weight_function) or bool(self.bias_function)
-                or getattr(self, "weight_lowvram_function", None) is not None
-                or getattr(self, "bias_lowvram_function", None) is not None)
-
-    def fp8_resident(self, input: torch.Tensor) -> bool:
-        """Weight and bias already sit on the input's device and the host has nothing to do to them (no weight
-        functions, no dynamic-VRAM staging `_v`): the layer computes directly, without comfy.ops' cast helper
-        (whose per-call Python work is a large part of an eager SDXL step)."""
-        return (not hasattr(self, "_v") and not self.fp8_has_weight_functions()
-                and self.weight.device == input.device and (self.bias is None or self.bias.device == input.device))
+    def fp8_direct(self, input: torch.Tensor) -> bool:
+        return _on(self.weight, input, False) and _on(self.bias, input, False) and _host_free(self)
 
     def fp8_bias(self, input: torch.Tensor) -> torch.Tensor | None:
         b = self.bias
@@ -64,10 +74,14 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
 
 
 class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
-    def forward_comfy_cast_weights(self, input, *args, **kwargs):
-        if self.fp8_resident(input):
+    def forward(self, input, *args, **kwargs):
+        if not args and not kwargs and self.fp8_direct(input):
+            comfy.ops.run_every_op()
             return fp8ops.linear(input, self.weight, self.fp8_bias(input), fused=self.fp8_fused)
-        if self.fp8_fused and fp8ops.fused_applicable(input, self.weight) and not self.fp8_has_weight_functions():
+        return super().forward(input, *args, **kwargs)
+
+    def forward_comfy_cast_weights(self, input, *args, **kwargs):
+        if self.fp8_fused and fp8ops.fused_applicable(input, self.weight) and _host_free(self):
             # offloaded: the host brings the fp8 weight to the input's device (offload streams), no upcast
             weight, bias, stream = comfy.ops.cast_bias_weight(self, input, dtype=self.weight.dtype,
                                                               bias_dtype=input.dtype, offloadable=True)
@@ -79,11 +93,33 @@ class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
 
 
 class Fp8Conv2d(Fp8Layer, comfy.ops.manual_cast.Conv2d):
-    def forward_comfy_cast_weights(self, input, *args, **kwargs):
-        if self.fp8_resident(input):
+    def forward(self, input, *args, **kwargs):
+        if not args and not kwargs and self.fp8_direct(input):
+            comfy.ops.run_every_op()
             return self._conv_forward(input, fp8ops.upcast(self.weight, input.dtype), self.fp8_bias(input))
         # offloaded or patched at compute time: manual_cast upcasts in comfy.ops.cast_bias_weight
-        return super().forward_comfy_cast_weights(input, *args, **kwargs)
+        return super().forward(input, *args, **kwargs)
+
+
+class DirectNorm:
+    """Norm layers of the fp8 model (kept in the compute dtype): when weight and bias already have the input's
+    device and dtype and the host has nothing to do to them, the torch op runs directly, as it does in a stock
+    fp16 model; otherwise manual_cast's forward (offloaded layers, a compute dtype the weights are not in)."""
+
+    def forward(self, input, *args, **kwargs):
+        if not args and not kwargs and _on(self.weight, input, True) and _on(self.bias, input, True) \
+                and _host_free(self):
+            comfy.ops.run_every_op()
+            return self.torch_forward(input)
+        return super().forward(input, *args, **kwargs)
+
+
+class Fp8GroupNorm(DirectNorm, comfy.ops.manual_cast.GroupNorm):
+    torch_forward = torch.nn.GroupNorm.forward
+
+
+class Fp8LayerNorm(DirectNorm, comfy.ops.manual_cast.LayerNorm):
+    torch_forward = torch.nn.LayerNorm.forward
 
 
 _OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}
@@ -100,6 +136,8 @@ def fp8_operations(storage_dtype: torch.dtype, fused: bool = False) -> type:
             **attrs,
             "Linear": type("Linear", (Fp8Linear,), dict(attrs)),
             "Conv2d": type("Conv2d", (Fp8Conv2d,), dict(attrs)),
+            "GroupNorm": Fp8GroupNorm,
+            "LayerNorm": Fp8LayerNorm,
         })
     return _OPS_CACHE[key]
 

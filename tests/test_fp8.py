@@ -282,6 +282,40 @@ def test_linear_routes_to_the_fused_kernel_unless_the_host_patches_the_weight(mo
     assert torch.equal(plain(x), F.linear(x, w, src.bias)) and len(calls) == 1
 
 
+def test_resident_layers_compute_directly_and_the_host_path_stays_for_the_rest(tiny, monkeypatch):
+    """A fully loaded fp8 model never calls comfy.ops.cast_bias_weight (its per-call Python made eager fp8
+    CPU-bound); a norm whose weights are not in the input's dtype, and a layer with a weight function, still
+    go through the host's cast path and compute the same thing."""
+    import comfy.ops
+
+    calls = []
+    real = comfy.ops.cast_bias_weight
+
+    def counting(s, *args, **kwargs):
+        calls.append(type(s).__name__)
+        return real(s, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counting)
+    assert torch.equal(run(tiny[E4M3], tiny["inp"]), run(tiny[E4M3], tiny["inp"]))
+    assert calls == [], f"expected no host cast on a resident model, got {len(calls)} ({sorted(set(calls))})"
+
+    ops = nfp8.fp8_operations(E4M3)
+    x = torch.randn(2, 8, 4, 4)
+    ref = torch.nn.GroupNorm(4, 8)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p)
+    gn = ops.GroupNorm(4, 8, dtype=torch.float16)
+    gn.load_state_dict(ref.state_dict())
+    out = gn(x)  # fp16 weights, fp32 input: manual_cast casts them
+    assert calls == ["Fp8GroupNorm"] and out.dtype == torch.float32
+    assert torch.allclose(out, F.group_norm(x, 4, ref.weight.half().float(), ref.bias.half().float()), atol=1e-6)
+    ln = ops.LayerNorm(8)
+    ln.load_state_dict(torch.nn.LayerNorm(8).state_dict())
+    ln.weight_function = [lambda w: w * 3]
+    y = torch.randn(3, 8)
+    assert torch.allclose(ln(y), F.layer_norm(y, (8,), 3 * ln.weight, ln.bias)) and calls[-1] == "Fp8LayerNorm"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # custom_operations on the tiny SDXL UNet (the node's core, without files)
 # ---------------------------------------------------------------------------------------------------------

@@ -173,6 +173,37 @@ class BenchContext:
                     peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() / GIB)
         return {k: Measured(statistics.median(times[k]), peaks[k], results[k], times[k]) for k in fns}
 
+    def step_period(self, model, steps: int = 12, seed: int = 0, batch: int = 1) -> float:
+        """Median seconds between consecutive sampler steps of one run (ComfyUI's sampler callback; the first
+        step, which includes the run's setup, is left out): the steady-state cost of one step, free of the
+        per-run fixed costs that whole-image times include."""
+        import comfy.sample
+
+        pos, neg = self.conds(batch)
+        latent = comfy.sample.fix_empty_latent_channels(model, self.latent(batch)["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed)
+        stamps: list[float] = []
+        comfy.sample.sample(model, noise, steps, self.cfg, "euler", "normal", pos, neg, latent, seed=seed,
+                            callback=lambda *a: stamps.append(time.perf_counter()), disable_pbar=True)
+        self.sync()
+        return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+    def step_ratio_interleaved(self, models: dict[str, Any], reference: str, rounds: int = 30,
+                               steps: int = 12) -> dict[str, dict]:
+        """Per-step cost of each model against `reference`, from many short runs alternated model by model
+        (A B C, A B C, ...). Eager timings drift between minutes by more than a few-percent difference; short
+        alternated runs and the median of the per-round ratios cancel most of that drift. Returns, per model:
+        step_s (median step period) and ratio (median over rounds of step period / the reference's)."""
+        periods: dict[str, list[float]] = {k: [] for k in models}
+        for m in models.values():  # warm-up: kernels, autotuning, model loads
+            self.step_period(m, steps=3)
+        for _ in range(1 if self.small else rounds):
+            for k, m in models.items():
+                periods[k].append(self.step_period(m, steps=3 if self.small else steps))
+        ref = periods[reference]
+        return {k: {"step_s": statistics.median(v),
+                    "ratio": statistics.median(a / b for a, b in zip(v, ref))} for k, v in periods.items()}
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()

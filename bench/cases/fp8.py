@@ -7,12 +7,14 @@ Rows (full mode: SDXL with random weights, 1024x1024, Euler, 50 steps, cfg 5, on
   ours e4m3fn, per-call upcast      our custom_operations, fused matmul off (storage only)
   ours e4m3fn, fused Triton matmul  our custom_operations with the fused weight-only fp8 kernel (Ada/Hopper)
   ours e5m2, ...                    the same for float8_e5m2 (fused where available, else per-call upcast)
-Columns: s_per_image (median of ctx.repeat after one warm-up run, which also autotunes the fused kernel),
-peak_vram_gib (peak allocated during sampling: weights + activations), x_fp16 (s/image over the fp16 row's),
+Columns: s_per_image (median over interleaved rounds after one warm-up run, which also autotunes the fused
+kernel; SDXLOPT_BENCH_FP8_ROUNDS sets the rounds), peak_vram_gib (peak allocated during sampling with only
+that model loaded: weights + activations), x_fp16 (s/image over the fp16 row's), x_fp16_per_step and ms_per_step_steady (steady-state step cost from
+many short runs alternated with fp16, median of per-round ratios: less drift than whole-image medians),
 rel_err (one UNet forward, batch 2 at the benchmark resolution, max|y - y_fp16| / max|y_fp16|),
 weights_gib (UNet parameter bytes), path (what ran, and why).
 
-Unattended: each row is built, measured and freed on its own; a row that fails (a Triton compile error,
+Unattended: a row that fails (a Triton compile error,
 out of memory) becomes a FAILED row and the others go on; the fused rows say why when they cannot run.
 --small: the tiny UNet on the CPU (fp32 compute; the tiny config is not detectable by ComfyUI's loaders,
 so the models are built by hand the same way); the fused rows report "skipped" there.
@@ -20,6 +22,7 @@ so the models are built by hand the same way); the fused rows report "skipped" t
 from __future__ import annotations
 
 import gc
+import os
 import traceback
 
 import torch
@@ -86,19 +89,30 @@ def _release(ctx: BenchContext) -> None:
         torch.cuda.empty_cache()
 
 
+def _peak_gib(ctx: BenchContext, model) -> float:
+    """Peak allocated memory of one sampling run with only `model` loaded (weights + activations)."""
+    ctx.free_models()
+    if ctx.device.type != "cuda":
+        return 0.0
+    ctx.sample(model)
+    ctx.sync()
+    torch.cuda.reset_peak_memory_stats()
+    ctx.sample(model)
+    ctx.sync()
+    return torch.cuda.max_memory_allocated() / GIB
+
+
 def run(ctx: BenchContext) -> None:
+    """Every timed path (stock fp16 included) runs interleaved in rounds (A B C, A B C, ...; median), because
+    eager SDXL on a fast GPU is launch-bound and drifts between minutes by more than the differences measured
+    here; each row's peak comes from a separate run with only that model loaded."""
     from sdxl_optimizer.nodes.fp8 import fp8_operations
     from sdxl_optimizer.ops import fp8 as ofp8
 
     base = ctx.base_model()
     inp = _forward_inputs(ctx)
     ref = _forward(base, inp)
-    base_name = str(ctx.dtype).replace("torch.", "")
-    m = ctx.measure(lambda: ctx.sample(base))
-    base_s = m.seconds
-    ctx.add_row(CASE, f"{base_name} (stock)", m, x_fp16=1.0, rel_err=0.0, weights_gib=_weights_gib(base),
-                path=f"stock ComfyUI, {base_name} weights")
-    _release(ctx)
+    base_name = f"{str(ctx.dtype).replace('torch.', '')} (stock)"
     sd = {k: v.to("cpu") for k, v in base.model.diffusion_model.state_dict().items()}
 
     variants = [("core weight_dtype fp8_e4m3fn", {"dtype": torch.float8_e4m3fn},
@@ -112,24 +126,44 @@ def run(ctx: BenchContext) -> None:
             upcast.storage_dtype, False)}, upcast.describe(), timed_upcast))
         if fused.fused:
             variants.append((f"ours {short}, fused Triton matmul", {"custom_operations": fp8_operations(
-                fused.storage_dtype, True)}, fused.describe(), True))
+                fused.storage_dtype, True)}, fused.describe(), short == "e4m3fn"))
         else:
             ctx.add_row(CASE, f"ours {short}, fused Triton matmul", notes=f"skipped: {fused.reason}")
 
+    models: dict[str, object] = {base_name: base}
+    extras: dict[str, dict] = {base_name: {"rel_err": 0.0, "weights_gib": _weights_gib(base),
+                                           "path": "stock ComfyUI, " + base_name.split()[0] + " weights"}}
     for name, options, path, timed in variants:
-        model = None
         try:
             model = _build(ctx, sd, options)
             err = _rel_err(_forward(model, inp), ref)
-            extra = {"rel_err": round(err, 5), "weights_gib": _weights_gib(model), "path": path}
+            extras[name] = {"rel_err": round(err, 5), "weights_gib": _weights_gib(model), "path": path}
             if timed:
-                m = ctx.measure(lambda model=model: ctx.sample(model))
-                ctx.add_row(CASE, name, m, x_fp16=round(m.seconds / base_s, 3), **extra)
+                models[name] = model
             else:
-                ctx.add_row(CASE, name, notes="error only (same kernels as the e4m3fn row)", **extra)
+                ctx.add_row(CASE, name, notes="error only (same kernels as the e4m3fn row)", **extras[name])
+                del model
         except Exception as e:  # one broken path must not lose the other rows
             traceback.print_exc()
             ctx.add_row(CASE, name, notes=f"FAILED: {type(e).__name__}: {e}"[:300], path=path)
-        finally:
-            del model
-            _release(ctx)
+    peaks = {}
+    for name, model in list(models.items()):
+        try:
+            peaks[name] = _peak_gib(ctx, model)
+        except Exception as e:
+            traceback.print_exc()
+            ctx.add_row(CASE, name, notes=f"FAILED: {type(e).__name__}: {e}"[:300], **extras[name])
+            del models[name]
+    ctx.free_models()
+    rounds = int(os.environ.get("SDXLOPT_BENCH_FP8_ROUNDS", "0")) or None
+    measured = ctx.measure_interleaved({n: (lambda m=m: ctx.sample(m)) for n, m in models.items()}, rounds=rounds)
+    per_step = ctx.step_ratio_interleaved(models, base_name,
+                                          rounds=int(os.environ.get("SDXLOPT_BENCH_STEP_ROUNDS", "30")))
+    base_s = measured[base_name].seconds
+    for name, m in measured.items():
+        m.peak_gib = peaks[name]
+        ctx.add_row(CASE, name, m, x_fp16=round(m.seconds / base_s, 3),
+                    x_fp16_per_step=round(per_step[name]["ratio"], 3),
+                    ms_per_step_steady=round(per_step[name]["step_s"] * 1000, 2), **extras[name])
+    models.clear()
+    _release(ctx)

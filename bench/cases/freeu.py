@@ -4,8 +4,10 @@ FreeU adds a few elementwise ops and the skip filter on 6 of the 9 output blocks
 over the baseline. Rows: baseline, v1 with the default matmul filter, v1 with torch.fft (diffusers' form),
 v2 with matmul; each with its overhead against the baseline measured in this case. The variants run
 interleaved (baseline, v1, v1 fft, v2; five rounds; medians): eager timings on a fast GPU drift by more
-than the overhead being measured, and interleaving spreads that drift over every variant. The compiled
-overhead (stable to ~0.3%) is a row of the compile case.
+than the overhead being measured, and interleaving spreads that drift over every variant. A second row
+per variant is the steady-state step cost from many short runs alternated with the baseline
+(SDXLOPT_BENCH_STEP_ROUNDS, default 30; median of per-round ratios): whole-image medians of a few rounds
+still carry several percent of drift. The compiled overhead (stable to ~0.3%) is a row of the compile case.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ..common import BenchContext
 # which FreeU variants run (default all) and how many interleaved rounds (default 5): a GPU lease is short
 VARIANTS = [v for v in os.environ.get("SDXLOPT_BENCH_FREEU_VARIANTS", "v1 matmul,v1 fft,v2 matmul").split(",") if v]
 ROUNDS = int(os.environ.get("SDXLOPT_BENCH_FREEU_ROUNDS", "0")) or None
+STEP_ROUNDS = int(os.environ.get("SDXLOPT_BENCH_STEP_ROUNDS", "30"))
 
 
 def run(ctx: BenchContext) -> None:
@@ -35,3 +38,12 @@ def run(ctx: BenchContext) -> None:
         version, method = key.split()
         ctx.add_row("freeu", f"FreeU SDXL preset {version}, {method} filter, cfg {ctx.cfg}", m[key],
                     overhead_pct=round(100 * (m[key].seconds / ref.seconds - 1), 2), timing="interleaved")
+    per_step = ctx.step_ratio_interleaved(variants, "baseline", rounds=STEP_ROUNDS)
+    rounds = 1 if ctx.small else STEP_ROUNDS
+    for key in list(variants)[1:]:
+        version, method = key.split()
+        ctx.add_row("freeu", f"FreeU SDXL preset {version}, {method} filter, cfg {ctx.cfg}: per step",
+                    s_per_step=round(per_step[key]["step_s"], 5),
+                    overhead_pct=round(100 * (per_step[key]["ratio"] - 1), 2),
+                    timing=f"per step: {rounds} alternated 12-step runs, median of per-round ratios "
+                           f"(baseline {per_step['baseline']['step_s'] * 1000:.1f} ms/step)")

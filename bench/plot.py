@@ -35,7 +35,10 @@ def plot(path: Path) -> Path:
     for y, p in zip(ys, peaks):
         ax2.text(p, y, f" {p:.2f}", va="center", fontsize=7)
     meta = data["meta"]
-    fig.suptitle(f"{meta['device']} · {meta['mode']}\nrandom SDXL weights · {meta['command']}", fontsize=9)
+    import textwrap
+
+    subtitle = textwrap.fill(f"random SDXL weights · {meta['command']}", width=170)
+    fig.suptitle(f"{meta['device']} · {meta['mode']}\n{subtitle}", fontsize=9)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)

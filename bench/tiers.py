@@ -216,6 +216,9 @@ def run_all(ctx: BenchContext, checkpoint: Path | None = None, only: list[str] |
 
 
 def recommend(rows: list[dict], total_gib: float) -> str:
+    sized = [r for r in rows if r["name"] != BASELINE and r.get("card_gib") and r.get("peak_vram_gib") is not None]
+    if not sized:
+        return ("This run measured no card-sized tier (4/6/8/12 GB); run without --tiers for a recommendation.")
     fitting = [r for r in rows if r["name"] != BASELINE and r.get("card_gib") and r["card_gib"] <= total_gib
                and r["peak_vram_gib"] <= total_gib]
     if not fitting:

@@ -173,36 +173,45 @@ class BenchContext:
                     peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() / GIB)
         return {k: Measured(statistics.median(times[k]), peaks[k], results[k], times[k]) for k in fns}
 
-    def step_period(self, model, steps: int = 12, seed: int = 0, batch: int = 1) -> float:
-        """Median seconds between consecutive sampler steps of one run (ComfyUI's sampler callback; the first
-        step, which includes the run's setup, is left out): the steady-state cost of one step, free of the
-        per-run fixed costs that whole-image times include."""
+    def step_period(self, model, steps: int = 12, seed: int = 0, batch: int = 1) -> tuple[float, float]:
+        """(wall, cpu): median seconds between consecutive sampler steps of one run (ComfyUI's sampler
+        callback; the first step, which includes the run's setup, is left out), in wall time and in this
+        thread's CPU time. Wall is the steady-state cost of a step, free of the per-run fixed costs that
+        whole-image times include; CPU time is what an eager, launch-bound step is made of, and it does not
+        count the time a loaded host spends running someone else."""
         import comfy.sample
 
         pos, neg = self.conds(batch)
         latent = comfy.sample.fix_empty_latent_channels(model, self.latent(batch)["samples"])
         noise = comfy.sample.prepare_noise(latent, seed)
-        stamps: list[float] = []
+        stamps: list[tuple[float, float]] = []
         comfy.sample.sample(model, noise, steps, self.cfg, "euler", "normal", pos, neg, latent, seed=seed,
-                            callback=lambda *a: stamps.append(time.perf_counter()), disable_pbar=True)
+                            callback=lambda *a: stamps.append((time.perf_counter(), time.thread_time())),
+                            disable_pbar=True)
         self.sync()
-        return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+        pairs = list(zip(stamps, stamps[1:]))
+        return (statistics.median(b[0] - a[0] for a, b in pairs), statistics.median(b[1] - a[1] for a, b in pairs))
 
     def step_ratio_interleaved(self, models: dict[str, Any], reference: str, rounds: int = 30,
                                steps: int = 12) -> dict[str, dict]:
         """Per-step cost of each model against `reference`, from many short runs alternated model by model
         (A B C, A B C, ...). Eager timings drift between minutes by more than a few-percent difference; short
         alternated runs and the median of the per-round ratios cancel most of that drift. Returns, per model:
-        step_s (median step period) and ratio (median over rounds of step period / the reference's)."""
-        periods: dict[str, list[float]] = {k: [] for k in models}
+        step_s / cpu_s (median step period, wall and CPU) and ratio / cpu_ratio (median over rounds of the
+        model's period / the reference's in the same round)."""
+        periods: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
         for m in models.values():  # warm-up: kernels, autotuning, model loads
             self.step_period(m, steps=3)
         for _ in range(1 if self.small else rounds):
             for k, m in models.items():
                 periods[k].append(self.step_period(m, steps=3 if self.small else steps))
         ref = periods[reference]
-        return {k: {"step_s": statistics.median(v),
-                    "ratio": statistics.median(a / b for a, b in zip(v, ref))} for k, v in periods.items()}
+        out = {}
+        for k, v in periods.items():
+            out[k] = {"step_s": statistics.median(p[0] for p in v), "cpu_s": statistics.median(p[1] for p in v),
+                      "ratio": statistics.median(a[0] / b[0] for a, b in zip(v, ref)),
+                      "cpu_ratio": statistics.median(a[1] / b[1] for a, b in zip(v, ref))}
+        return out
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -92,13 +92,34 @@ def decoder_stages(block_has_upsample: Sequence[bool]) -> list[int]:
 
 # --- backbone factor
 
+_FACTORS: dict[tuple, torch.Tensor] = {}
+
+
+def channel_factors(channels: int, half: int, b: float, ndim: int, dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """(1, C, 1, ...) with b on the first `half` channels and exactly 1 on the rest; cached per shape/dtype/device
+    (built on the device: no host-to-device copy per call), built in the graph under torch.compile."""
+    def build() -> torch.Tensor:
+        f = torch.ones((1, channels) + (1,) * (ndim - 2), dtype=dtype, device=device)
+        f[:, :half] = b
+        return f
+
+    if _is_compiling():
+        return build()
+    key = (channels, half, float(b), ndim, dtype, str(device))
+    f = _FACTORS.get(key)
+    if f is None:
+        f = _FACTORS[key] = build()
+    return f
+
+
 def backbone_scale(h: torch.Tensor, b: float, version: str = "v1") -> torch.Tensor:
     """Amplify the first half of h's channels by b (v1), or by 1 + (b - 1) * normalized mean map (v2).
 
     Out of place (the input tensor may be cached by another patch); the second half is passed through."""
     half = h.shape[1] // 2
-    if version == "v1":
-        scaled = h[:, :half] * b
+    if version == "v1":  # one multiply by a cached per-channel factor (b, ..., b, 1, ..., 1): one kernel
+        return h * channel_factors(h.shape[1], half, b, h.ndim, h.dtype, h.device)
     else:
         mean = h.mean(1, keepdim=True)
         flat = mean.reshape(mean.shape[0], -1)
@@ -157,28 +178,44 @@ def _lowpass_operators(h: int, w: int, threshold: int, device: torch.device) -> 
     return v, top / (h * w)
 
 
-_OPERATORS: dict[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+_OPERATORS: dict[tuple[int, int, int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def lowpass_operators(h: int, w: int, threshold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def lowpass_operators(h: int, w: int, threshold: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, U) of _lowpass_operators in `dtype` (built in fp32, then rounded), cached per size/device/dtype."""
     if _is_compiling():  # traced: built in the graph and constant-folded, no Python cache under the compiler
-        return _lowpass_operators(h, w, threshold, device)
-    key = (h, w, threshold, str(device))
+        v, u = _lowpass_operators(h, w, threshold, device)
+        return v.to(dtype), u.to(dtype)
+    key = (h, w, threshold, str(device), dtype)
     ops = _OPERATORS.get(key)
     if ops is None:
-        ops = _OPERATORS[key] = _lowpass_operators(h, w, threshold, device)
+        v, u = _lowpass_operators(h, w, threshold, device)
+        ops = _OPERATORS[key] = (v.to(dtype), u.to(dtype))
     return ops
 
 
-def fourier_filter_matmul(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-    """FreeU's Fourier filter without FFT: x + (scale - 1) * (the masked frequencies of x), in fp32.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def filter_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp16/bf16 on CUDA: the filter's two GEMMs in x's dtype (fp32 accumulation in cuBLAS), no conversion
+    kernels; everywhere else fp32 (CPU half-precision GEMMs are slow and accumulate less exactly)."""
+    return x.dtype if x.is_cuda and x.dtype in HALF_DTYPES else torch.float32
+
+
+def fourier_filter_matmul(x: torch.Tensor, threshold: int, scale: float,
+                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """FreeU's Fourier filter without FFT: x + (scale - 1) * (the masked frequencies of x).
 
     The masked part is Re(F_y^H (F_y x F_x^T) conj F_x) / (H W) with F the DFT rows of the few masked
     frequencies; in real arithmetic a rank-16 (threshold 1) linear map of the flattened x (lowpass_operators),
-    applied as one matmul and one fused multiply-add: 4 kernels per call in eager mode."""
+    applied as one matmul and one fused multiply-add: 2 kernels per call in eager mode on CUDA (fp16/bf16
+    GEMMs accumulating in fp32), 4 in fp32 (conversions in and out)."""
     h, w = x.shape[-2:]
-    v, u = lowpass_operators(h, w, threshold, x.device)
-    xf = x.float().reshape(-1, h * w)
+    dtype = compute_dtype or filter_compute_dtype(x)
+    v, u = lowpass_operators(h, w, threshold, x.device, dtype)
+    xf = x.to(dtype).reshape(-1, h * w)
     return torch.addmm(xf, xf @ v, u, alpha=scale - 1.0).reshape(x.shape).to(x.dtype)
 
 

@@ -20,6 +20,7 @@ from sdxl_optimizer.ops.freeu import (
     FreeUConfig,
     backbone_scale,
     decoder_stages,
+    filter_compute_dtype,
     fourier_filter,
     fourier_filter_fft,
     fourier_filter_matmul,
@@ -85,6 +86,20 @@ def test_fourier_filter_half_precision_input_runs_in_fp32_on_cpu(dtype):
         out = fourier_filter(x.to(dtype), 1, 0.2, method)
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert bridge.rel_err(out.float(), ref) <= 2 * torch.finfo(dtype).eps, method
+    assert filter_compute_dtype(x.to(dtype)) == torch.float32  # CPU: fp32 GEMMs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fourier_filter_half_precision_gemms_are_as_exact_as_fp32(dtype):
+    """The CUDA path for fp16/bf16 activations (GEMMs in that dtype, no conversion kernels), run here on the CPU:
+    within the same 2 eps of diffusers' fp32 FFT as the fp32 path, at SDXL's two patched shapes."""
+    for shape in ((2, 640, 64, 64), (2, 1280, 32, 32)):
+        x = torch.randn(shape)
+        for scale in (0.2, 0.9):
+            ref = diffusers_fourier_filter(x, threshold=1, scale=scale)
+            out = fourier_filter_matmul(x.to(dtype), 1, scale, compute_dtype=dtype)
+            assert out.dtype == dtype
+            assert bridge.rel_err(out.float(), ref) <= 2 * torch.finfo(dtype).eps, (shape, scale)
 
 
 def test_backbone_scale_v1_is_diffusers_and_v2_the_official_formula():

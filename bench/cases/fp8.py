@@ -164,6 +164,7 @@ def run(ctx: BenchContext) -> None:
         m.peak_gib = peaks[name]
         ctx.add_row(CASE, name, m, x_fp16=round(m.seconds / base_s, 3),
                     x_fp16_per_step=round(per_step[name]["ratio"], 3),
-                    ms_per_step_steady=round(per_step[name]["step_s"] * 1000, 2), **extras[name])
+                    ms_per_step_steady=round(per_step[name]["step_s"] * 1000, 2),
+                    cpu_x_fp16_per_step=round(per_step[name]["cpu_ratio"], 3), **extras[name])
     models.clear()
     _release(ctx)

@@ -45,5 +45,8 @@ def run(ctx: BenchContext) -> None:
         ctx.add_row("freeu", f"FreeU SDXL preset {version}, {method} filter, cfg {ctx.cfg}: per step",
                     s_per_step=round(per_step[key]["step_s"], 5),
                     overhead_pct=round(100 * (per_step[key]["ratio"] - 1), 2),
+                    cpu_ms_per_step=round(per_step[key]["cpu_s"] * 1000, 2),
+                    cpu_overhead_pct=round(100 * (per_step[key]["cpu_ratio"] - 1), 2),
                     timing=f"per step: {rounds} alternated 12-step runs, median of per-round ratios "
-                           f"(baseline {per_step['baseline']['step_s'] * 1000:.1f} ms/step)")
+                           f"(baseline {per_step['baseline']['step_s'] * 1000:.1f} ms/step wall, "
+                           f"{per_step['baseline']['cpu_s'] * 1000:.1f} ms CPU)")

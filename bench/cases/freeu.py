@@ -19,6 +19,16 @@ from ..common import BenchContext
 VARIANTS = [v for v in os.environ.get("SDXLOPT_BENCH_FREEU_VARIANTS", "v1 matmul,v1 fft,v2 matmul").split(",") if v]
 ROUNDS = int(os.environ.get("SDXLOPT_BENCH_FREEU_ROUNDS", "0")) or None
 STEP_ROUNDS = int(os.environ.get("SDXLOPT_BENCH_STEP_ROUNDS", "30"))
+# "a/a": also time an unpatched clone of the baseline, last in each round: what the method reports for no change
+AA = "a/a" in os.environ.get("SDXLOPT_BENCH_FREEU_CHECKS", "")
+AA_KEY = "unpatched clone"
+
+
+def label(key: str) -> str:
+    if key == AA_KEY:
+        return "unpatched clone of the baseline (A/A check: the method's reading for no change)"
+    version, method = key.split()
+    return f"FreeU SDXL preset {version}, {method} filter"
 
 
 def run(ctx: BenchContext) -> None:
@@ -30,19 +40,19 @@ def run(ctx: BenchContext) -> None:
     for key in VARIANTS:
         version, method = key.split()
         variants[key] = apply_freeu(base, FreeUConfig.from_preset("SDXL", version), method)
+    if AA:
+        variants[AA_KEY] = base.clone()
     m = ctx.measure_interleaved({k: (lambda model=model: ctx.sample(model)) for k, model in variants.items()},
                                 rounds=ROUNDS)
     ref = m["baseline"]
     ctx.add_row("freeu", f"baseline (no FreeU), cfg {ctx.cfg}", ref, overhead_pct=0.0, timing="interleaved")
     for key in list(variants)[1:]:
-        version, method = key.split()
-        ctx.add_row("freeu", f"FreeU SDXL preset {version}, {method} filter, cfg {ctx.cfg}", m[key],
+        ctx.add_row("freeu", f"{label(key)}, cfg {ctx.cfg}", m[key],
                     overhead_pct=round(100 * (m[key].seconds / ref.seconds - 1), 2), timing="interleaved")
     per_step = ctx.step_ratio_interleaved(variants, "baseline", rounds=STEP_ROUNDS)
     rounds = 1 if ctx.small else STEP_ROUNDS
     for key in list(variants)[1:]:
-        version, method = key.split()
-        ctx.add_row("freeu", f"FreeU SDXL preset {version}, {method} filter, cfg {ctx.cfg}: per step",
+        ctx.add_row("freeu", f"{label(key)}, cfg {ctx.cfg}: per step",
                     s_per_step=round(per_step[key]["step_s"], 5),
                     overhead_pct=round(100 * (per_step[key]["ratio"] - 1), 2),
                     cpu_ms_per_step=round(per_step[key]["cpu_s"] * 1000, 2),

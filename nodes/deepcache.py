@@ -20,6 +20,7 @@ that a shallow call on the inputs a full call cached reproduces the full forward
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Hashable
 
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -58,11 +59,18 @@ def num_skips(unet: torch.nn.Module) -> int:
     return len(unet.input_blocks)
 
 
+_TRANSFORMER_INDEX: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def transformer_index_before_output(unet: torch.nn.Module, first_output: int) -> int:
-    """`transformer_index` the full forward has reached when output block `first_output` starts."""
-    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks[:first_output]]
-    return sum(isinstance(layer, (SpatialTransformer, SpatialVideoTransformer))
-               for block in blocks if block is not None for layer in block)
+    """`transformer_index` the full forward has reached when output block `first_output` starts (counted once
+    per UNet and block: walking the blocks cost ~0.2 ms, a tenth of a shallow step's host time)."""
+    per_unet = _TRANSFORMER_INDEX.setdefault(unet, {})
+    if first_output not in per_unet:
+        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks[:first_output]]
+        per_unet[first_output] = sum(isinstance(layer, (SpatialTransformer, SpatialVideoTransformer))
+                                     for block in blocks if block is not None for layer in block)
+    return per_unet[first_output]
 
 
 # --- the shallow forward: mirrors UNetModel._forward of comfy/ldm/modules/diffusionmodules/openaimodel.py

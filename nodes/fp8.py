@@ -51,8 +51,13 @@ def _host_free(layer) -> bool:
             and "_v" not in layer._buffers)
 
 
-def _on(t: torch.Tensor | None, input: torch.Tensor, dtype: bool) -> bool:
-    return t is None or (t.device == input.device and (not dtype or t.dtype == input.dtype))
+def _direct(layer, input: torch.Tensor, same_dtype: bool) -> bool:
+    """The layer can compute without comfy.ops' cast helper: weight and bias (where present) on the input's
+    device, also in its dtype when `same_dtype`, and nothing for the host to apply."""
+    for t in (layer.weight, layer.bias):
+        if t is not None and (t.device != input.device or (same_dtype and t.dtype != input.dtype)):
+            return False
+    return _host_free(layer)
 
 
 class Fp8Layer(fp8ops.Fp8WeightStorage):
@@ -66,7 +71,7 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
     fp8_fused = False
 
     def fp8_direct(self, input: torch.Tensor) -> bool:
-        return _on(self.weight, input, False) and _on(self.bias, input, False) and _host_free(self)
+        return _direct(self, input, same_dtype=False)  # the fp8 weight is upcast to the input's dtype
 
     def fp8_bias(self, input: torch.Tensor) -> torch.Tensor | None:
         b = self.bias
@@ -107,8 +112,7 @@ class DirectNorm:
     fp16 model; otherwise manual_cast's forward (offloaded layers, a compute dtype the weights are not in)."""
 
     def forward(self, input, *args, **kwargs):
-        if not args and not kwargs and _on(self.weight, input, True) and _on(self.bias, input, True) \
-                and _host_free(self):
+        if not args and not kwargs and _direct(self, input, same_dtype=True):
             comfy.ops.run_every_op()
             return self.torch_forward(input)
         return super().forward(input, *args, **kwargs)

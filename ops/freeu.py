@@ -98,19 +98,13 @@ _FACTORS: dict[tuple, torch.Tensor] = {}
 def channel_factors(channels: int, half: int, b: float, ndim: int, dtype: torch.dtype,
                     device: torch.device) -> torch.Tensor:
     """(1, C, 1, ...) with b on the first `half` channels and exactly 1 on the rest; cached per shape/dtype/device
-    (built on the device: no host-to-device copy per call), built in the graph under torch.compile."""
+    (built on the device: no host-to-device copy per call)."""
     def build() -> torch.Tensor:
         f = torch.ones((1, channels) + (1,) * (ndim - 2), dtype=dtype, device=device)
         f[:, :half] = b
         return f
 
-    if _is_compiling():
-        return build()
-    key = (channels, half, float(b), ndim, dtype, str(device))
-    f = _FACTORS.get(key)
-    if f is None:
-        f = _FACTORS[key] = build()
-    return f
+    return _memo(_FACTORS, (channels, half, float(b), ndim, dtype, str(device)), build)
 
 
 def backbone_scale(h: torch.Tensor, b: float, version: str = "v1") -> torch.Tensor:
@@ -159,6 +153,17 @@ def _is_compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+def _memo(store: dict, key: tuple, build):
+    """build(), cached in `store` under `key`; under torch.compile built in the graph each trace (constant-
+    folded there) and never cached: a Python-side cache would hold traced tensors."""
+    if _is_compiling():
+        return build()
+    value = store.get(key)
+    if value is None:
+        value = store[key] = build()
+    return value
+
+
 def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.kron of two matrices, written with broadcasting (traces to plain pointwise ops)."""
     return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
@@ -184,15 +189,11 @@ _OPERATORS: dict[tuple[int, int, int, str, torch.dtype], tuple[torch.Tensor, tor
 def lowpass_operators(h: int, w: int, threshold: int, device: torch.device,
                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, U) of _lowpass_operators in `dtype` (built in fp32, then rounded), cached per size/device/dtype."""
-    if _is_compiling():  # traced: built in the graph and constant-folded, no Python cache under the compiler
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
         v, u = _lowpass_operators(h, w, threshold, device)
         return v.to(dtype), u.to(dtype)
-    key = (h, w, threshold, str(device), dtype)
-    ops = _OPERATORS.get(key)
-    if ops is None:
-        v, u = _lowpass_operators(h, w, threshold, device)
-        ops = _OPERATORS[key] = (v.to(dtype), u.to(dtype))
-    return ops
+
+    return _memo(_OPERATORS, (h, w, threshold, str(device), dtype), build)
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -7,6 +7,7 @@ tiny test UNet on the CPU, for CI smoke. Random weights make the pictures noise,
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests" / "host_nodes"))
 
 GIB = 1024**3
+# alternated short runs per model in step_ratio_interleaved (a GPU lease is short: set lower to save time)
+STEP_ROUNDS = int(os.environ.get("SDXLOPT_BENCH_STEP_ROUNDS", "30"))
 
 # ComfyUI's detected config for SDXL base (comfy/model_detection.py), i.e. diffusers' SDXL base UNet
 SDXL_UNET_CONFIG = {
@@ -192,17 +195,19 @@ class BenchContext:
         pairs = list(zip(stamps, stamps[1:]))
         return (statistics.median(b[0] - a[0] for a, b in pairs), statistics.median(b[1] - a[1] for a, b in pairs))
 
-    def step_ratio_interleaved(self, models: dict[str, Any], reference: str, rounds: int = 30,
+    def step_ratio_interleaved(self, models: dict[str, Any], reference: str, rounds: int | None = None,
                                steps: int = 12) -> dict[str, dict]:
         """Per-step cost of each model against `reference`, from many short runs alternated model by model
         (A B C, A B C, ...). Eager timings drift between minutes by more than a few-percent difference; short
         alternated runs and the median of the per-round ratios cancel most of that drift. Returns, per model:
-        step_s / cpu_s (median step period, wall and CPU) and ratio / cpu_ratio (median over rounds of the
-        model's period / the reference's in the same round)."""
+        step_s / cpu_s (median step period, wall and CPU), ratio / cpu_ratio (median over rounds of the
+        model's period / the reference's in the same round) and rounds (default SDXLOPT_BENCH_STEP_ROUNDS or
+        30; 1 with --small)."""
+        rounds = 1 if self.small else rounds or STEP_ROUNDS
         periods: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
         for m in models.values():  # warm-up: kernels, autotuning, model loads
             self.step_period(m, steps=3)
-        for _ in range(1 if self.small else rounds):
+        for _ in range(rounds):
             for k, m in models.items():
                 periods[k].append(self.step_period(m, steps=3 if self.small else steps))
         ref = periods[reference]
@@ -210,7 +215,7 @@ class BenchContext:
         for k, v in periods.items():
             out[k] = {"step_s": statistics.median(p[0] for p in v), "cpu_s": statistics.median(p[1] for p in v),
                       "ratio": statistics.median(a[0] / b[0] for a, b in zip(v, ref)),
-                      "cpu_ratio": statistics.median(a[1] / b[1] for a, b in zip(v, ref))}
+                      "cpu_ratio": statistics.median(a[1] / b[1] for a, b in zip(v, ref)), "rounds": rounds}
         return out
 
     def sync(self) -> None:

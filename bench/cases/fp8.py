@@ -157,8 +157,7 @@ def run(ctx: BenchContext) -> None:
     ctx.free_models()
     rounds = int(os.environ.get("SDXLOPT_BENCH_FP8_ROUNDS", "0")) or None
     measured = ctx.measure_interleaved({n: (lambda m=m: ctx.sample(m)) for n, m in models.items()}, rounds=rounds)
-    per_step = ctx.step_ratio_interleaved(models, base_name,
-                                          rounds=int(os.environ.get("SDXLOPT_BENCH_STEP_ROUNDS", "30")))
+    per_step = ctx.step_ratio_interleaved(models, base_name)
     base_s = measured[base_name].seconds
     for name, m in measured.items():
         m.peak_gib = peaks[name]

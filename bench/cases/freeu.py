@@ -18,7 +18,6 @@ from ..common import BenchContext
 # which FreeU variants run (default all) and how many interleaved rounds (default 5): a GPU lease is short
 VARIANTS = [v for v in os.environ.get("SDXLOPT_BENCH_FREEU_VARIANTS", "v1 matmul,v1 fft,v2 matmul").split(",") if v]
 ROUNDS = int(os.environ.get("SDXLOPT_BENCH_FREEU_ROUNDS", "0")) or None
-STEP_ROUNDS = int(os.environ.get("SDXLOPT_BENCH_STEP_ROUNDS", "30"))
 # "a/a": also time an unpatched clone of the baseline, last in each round: what the method reports for no change
 AA = "a/a" in os.environ.get("SDXLOPT_BENCH_FREEU_CHECKS", "")
 AA_KEY = "unpatched clone"
@@ -49,14 +48,13 @@ def run(ctx: BenchContext) -> None:
     for key in list(variants)[1:]:
         ctx.add_row("freeu", f"{label(key)}, cfg {ctx.cfg}", m[key],
                     overhead_pct=round(100 * (m[key].seconds / ref.seconds - 1), 2), timing="interleaved")
-    per_step = ctx.step_ratio_interleaved(variants, "baseline", rounds=STEP_ROUNDS)
-    rounds = 1 if ctx.small else STEP_ROUNDS
+    per_step = ctx.step_ratio_interleaved(variants, "baseline")
     for key in list(variants)[1:]:
         ctx.add_row("freeu", f"{label(key)}, cfg {ctx.cfg}: per step",
                     s_per_step=round(per_step[key]["step_s"], 5),
                     overhead_pct=round(100 * (per_step[key]["ratio"] - 1), 2),
                     cpu_ms_per_step=round(per_step[key]["cpu_s"] * 1000, 2),
                     cpu_overhead_pct=round(100 * (per_step[key]["cpu_ratio"] - 1), 2),
-                    timing=f"per step: {rounds} alternated 12-step runs, median of per-round ratios "
+                    timing=f"per step: {per_step[key]['rounds']} alternated 12-step runs, median of per-round ratios "
                            f"(baseline {per_step['baseline']['step_s'] * 1000:.1f} ms/step wall, "
                            f"{per_step['baseline']['cpu_s'] * 1000:.1f} ms CPU)")

@@ -11,7 +11,7 @@ from diffusers import AutoencoderTiny
 
 from sdxl_optimizer.nodes import taesd as nt
 from sdxl_optimizer.ops import taesd as ot
-from tinymodels import factories
+from tinymodels import factories, prompts
 
 PAIR = "vae_approx/tinyxl (encoder + decoder)"
 
@@ -152,12 +152,7 @@ def test_nodes_in_a_prompt_match_core_vae_loader_taesdxl(run_prompt, model_folde
     """Same weights through core Load VAE 'taesdxl' + VAE Decode/Encode and through ours: same image, same latent."""
     factories.write_taesd_pair(model_folder / "vae_approx", "taesdxl")
     prompt = {
-        "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "taesd"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
-        "4": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0], "seed": 1,
-            "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        **prompts.sampled_latent("taesd", size=64, batch=2, steps=2),
         "5": {"class_type": "VAELoader", "inputs": {"vae_name": "taesdxl"}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["5", 0]}},
         "7": {"class_type": "SDXLOptTinyVAELoader",

@@ -9,7 +9,7 @@ import torch
 
 from sdxl_optimizer.nodes import tiled_vae as nv
 from sdxl_optimizer.ops import tiled_vae as tv
-from tinymodels import factories
+from tinymodels import factories, prompts
 
 BORDER = 8  # px left out: the image border, where zero padding differs by construction
 TILE, OVERLAP = 24, 4  # latent px: 2 x 2 tiles over the 32 x 40 test latent
@@ -271,12 +271,7 @@ def test_taesd_vae_falls_back_to_its_own_decode_and_encode(latent):
 def test_the_vae_is_unchanged_inside_one_prompt(run_prompt):
     """VAE Decode of the same VAE in the same prompt as the tiled node gives what it gives alone."""
     base = {
-        "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": "kl"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 192, "height": 192, "batch_size": 1}},
-        "4": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0], "seed": 1,
-            "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        **prompts.sampled_latent("kl", size=192, batch=1, steps=1),
         "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
         "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
     }

@@ -1,4 +1,5 @@
-"""API prompts on the tiny test checkpoint for the isolation tests of the model-patch nodes.
+"""API prompts on the tiny test checkpoint: a sampled latent for the VAE tests, and the isolation graphs of the
+model-patch nodes.
 
 One graph samples the original model and the patched one (two KSamplers on one loader); the same graph
 without the patch is the reference: the original's output must be the same in both, i.e. the patch node did
@@ -10,6 +11,20 @@ from collections.abc import Callable
 import torch
 
 ORIGINAL, PATCHED = "6", "7"  # the two KSamplers' node ids
+SAMPLED = "4"  # sampled_latent's KSampler: its output 0 is the latent
+
+
+def sampled_latent(vae: str, size: int = 64, batch: int = 1, steps: int = 2) -> dict:
+    """Nodes 1-4: the tiny checkpoint with `vae` ("taesd" or "kl") -> "a cat" -> KSampler SAMPLED (cfg 1) on an
+    empty size x size latent. Its VAE is ["1", 2]; add the decode/encode nodes under ids from "5" on."""
+    return {
+        "1": {"class_type": "SDXLOptTestTinyCheckpoint", "inputs": {"seed": 0, "vae": vae}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+        SAMPLED: {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0], "seed": 1,
+            "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+    }
 
 
 def two_samplers(patch: dict | None, negative: str | None = "", cfg: float = 5.0, steps: int = 2, seed: int = 1,

@@ -176,12 +176,10 @@ class BenchContext:
                     peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() / GIB)
         return {k: Measured(statistics.median(times[k]), peaks[k], results[k], times[k]) for k in fns}
 
-    def step_period(self, model, steps: int = 12, seed: int = 0, batch: int = 1) -> tuple[float, float]:
-        """(wall, cpu): median seconds between consecutive sampler steps of one run (ComfyUI's sampler
-        callback; the first step, which includes the run's setup, is left out), in wall time and in this
-        thread's CPU time. Wall is the steady-state cost of a step, free of the per-run fixed costs that
-        whole-image times include; CPU time is what an eager, launch-bound step is made of, and it does not
-        count the time a loaded host spends running someone else."""
+    def step_stamps(self, model, steps: int = 12, seed: int = 0, batch: int = 1) -> list[tuple[float, float]]:
+        """(wall, cpu) of each step after the first, from one run: the time between the sampler's per-step
+        callbacks (ComfyUI's), in wall time and in this thread's CPU time. Entry i is step i + 1's cost; the
+        first step, which includes the run's setup, is left out."""
         import comfy.sample
 
         pos, neg = self.conds(batch)
@@ -192,8 +190,30 @@ class BenchContext:
                             callback=lambda *a: stamps.append((time.perf_counter(), time.thread_time())),
                             disable_pbar=True)
         self.sync()
-        pairs = list(zip(stamps, stamps[1:]))
-        return (statistics.median(b[0] - a[0] for a, b in pairs), statistics.median(b[1] - a[1] for a, b in pairs))
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
+
+    def step_period(self, model, steps: int = 12, seed: int = 0, batch: int = 1) -> tuple[float, float]:
+        """(wall, cpu): median seconds per sampler step of one run (step_stamps). Wall is the steady-state
+        cost of a step, free of the per-run fixed costs that whole-image times include; CPU time is what an
+        eager, launch-bound step is made of, and it does not count the time a loaded host spends running
+        someone else."""
+        pairs = self.step_stamps(model, steps, seed, batch)
+        return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+    def kernel_ms_per_step(self, model, steps: int = 6) -> float | None:
+        """Summed GPU kernel time per sampler step of one run (torch.profiler, CUDA activity): the device work a
+        step issues, whatever the host's load; None off CUDA or where the profiler gives no kernel times."""
+        if self.device.type != "cuda":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        self.step_period(model, steps=2)  # warm: nothing lazy inside the profiled run
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.step_period(model, steps=steps)
+        total_us = 0.0
+        for e in prof.key_averages():
+            total_us += float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        return total_us / 1000 / steps if total_us > 0 else None
 
     def step_ratio_interleaved(self, models: dict[str, Any], reference: str, rounds: int | None = None,
                                steps: int = 12) -> dict[str, dict]:

@@ -18,6 +18,7 @@ import comfy.ops
 import comfy.sd
 import folder_paths
 import torch
+import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..ops import fp8 as fp8ops
@@ -51,13 +52,17 @@ def _host_free(layer) -> bool:
             and "_v" not in layer._buffers)
 
 
-def _direct(layer, input: torch.Tensor, same_dtype: bool) -> bool:
-    """The layer can compute without comfy.ops' cast helper: weight and bias (where present) on the input's
-    device, also in its dtype when `same_dtype`, and nothing for the host to apply."""
-    for t in (layer.weight, layer.bias):
-        if t is not None and (t.device != input.device or (same_dtype and t.dtype != input.dtype)):
-            return False
-    return _host_free(layer)
+def _direct_params(layer, input: torch.Tensor, same_dtype: bool) -> tuple | None:
+    """(weight, bias) when the layer can compute without comfy.ops' cast helper: both (where present) on the
+    input's device, also in its dtype when `same_dtype`, and nothing for the host to apply; else None.
+    Reads the parameter dict once: this runs for every layer of every step of an eager, launch-bound UNet."""
+    params = layer._parameters
+    w, b = params.get("weight"), params.get("bias")
+    dev, dtype = input.device, input.dtype
+    for t in (w, b):
+        if t is not None and (t.device != dev or (same_dtype and t.dtype != dtype)):
+            return None
+    return (w, b) if _host_free(layer) else None
 
 
 class Fp8Layer(fp8ops.Fp8WeightStorage):
@@ -70,20 +75,25 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
 
     fp8_fused = False
 
-    def fp8_direct(self, input: torch.Tensor) -> bool:
-        return _direct(self, input, same_dtype=False)  # the fp8 weight is upcast to the input's dtype
-
-    def fp8_bias(self, input: torch.Tensor) -> torch.Tensor | None:
-        b = self.bias
-        return b if b is None or b.dtype == input.dtype else b.to(input.dtype)
+    def fp8_direct(self, input: torch.Tensor) -> tuple | None:
+        """(upcast weight, bias in the input's dtype) for a direct forward, or None (take the host's path)."""
+        wb = _direct_params(self, input, same_dtype=False)
+        if wb is None or wb[0] is None:
+            return None
+        w, b = wb
+        dtype = input.dtype
+        return w if self.fp8_fused else w.to(dtype), b if b is None or b.dtype == dtype else b.to(dtype)
 
 
 class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
     def forward(self, input, *args, **kwargs):
-        if not args and not kwargs and self.fp8_direct(input):
-            comfy.ops.run_every_op()
-            return fp8ops.linear(input, self.weight, self.fp8_bias(input), fused=self.fp8_fused)
-        return super().forward(input, *args, **kwargs)
+        wb = None if args or kwargs else self.fp8_direct(input)
+        if wb is None:
+            return super().forward(input, *args, **kwargs)
+        comfy.ops.run_every_op()
+        if self.fp8_fused:  # weight still fp8: the fused kernel where it applies, else the upcast
+            return fp8ops.linear(input, wb[0], wb[1], fused=True)
+        return F.linear(input, wb[0], wb[1])
 
     def forward_comfy_cast_weights(self, input, *args, **kwargs):
         if self.fp8_fused and fp8ops.fused_applicable(input, self.weight) and _host_free(self):
@@ -97,13 +107,13 @@ class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
         return super().forward_comfy_cast_weights(input, *args, **kwargs)
 
 
-class Fp8Conv2d(Fp8Layer, comfy.ops.manual_cast.Conv2d):
+class Fp8Conv2d(Fp8Layer, comfy.ops.manual_cast.Conv2d):  # fp8_fused is always False (no fused conv kernel)
     def forward(self, input, *args, **kwargs):
-        if not args and not kwargs and self.fp8_direct(input):
-            comfy.ops.run_every_op()
-            return self._conv_forward(input, fp8ops.upcast(self.weight, input.dtype), self.fp8_bias(input))
-        # offloaded or patched at compute time: manual_cast upcasts in comfy.ops.cast_bias_weight
-        return super().forward(input, *args, **kwargs)
+        wb = None if args or kwargs else self.fp8_direct(input)
+        if wb is None:  # offloaded or patched at compute time: manual_cast upcasts in comfy.ops.cast_bias_weight
+            return super().forward(input, *args, **kwargs)
+        comfy.ops.run_every_op()
+        return self._conv_forward(input, wb[0], wb[1])
 
 
 class DirectNorm:
@@ -112,18 +122,21 @@ class DirectNorm:
     fp16 model; otherwise manual_cast's forward (offloaded layers, a compute dtype the weights are not in)."""
 
     def forward(self, input, *args, **kwargs):
-        if not args and not kwargs and _direct(self, input, same_dtype=True):
-            comfy.ops.run_every_op()
-            return self.torch_forward(input)
-        return super().forward(input, *args, **kwargs)
+        wb = None if args or kwargs else _direct_params(self, input, same_dtype=True)
+        if wb is None:
+            return super().forward(input, *args, **kwargs)
+        comfy.ops.run_every_op()
+        return self.norm(input, *wb)
 
 
 class Fp8GroupNorm(DirectNorm, comfy.ops.manual_cast.GroupNorm):
-    torch_forward = torch.nn.GroupNorm.forward
+    def norm(self, input, weight, bias):
+        return F.group_norm(input, self.num_groups, weight, bias, self.eps)
 
 
 class Fp8LayerNorm(DirectNorm, comfy.ops.manual_cast.LayerNorm):
-    torch_forward = torch.nn.LayerNorm.forward
+    def norm(self, input, weight, bias):
+        return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
 
 
 _OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}
@@ -139,7 +152,7 @@ def fp8_operations(storage_dtype: torch.dtype, fused: bool = False) -> type:
         _OPS_CACHE[key] = type(f"SDXLOptFp8Ops_{suffix}", (comfy.ops.manual_cast,), {
             **attrs,
             "Linear": type("Linear", (Fp8Linear,), dict(attrs)),
-            "Conv2d": type("Conv2d", (Fp8Conv2d,), dict(attrs)),
+            "Conv2d": type("Conv2d", (Fp8Conv2d,), {**attrs, "fp8_fused": False}),  # no fused conv kernel
             "GroupNorm": Fp8GroupNorm,
             "LayerNorm": Fp8LayerNorm,
         })

@@ -7,12 +7,18 @@ branch 3 (a deeper re-join). Each row: s/image, speedup over the uncached run, p
 it, the UNet calls that took the shallow path, and the fidelity of the final latent against the uncached
 run's: max |error| and PSNR (peak = max |reference latent|). The weights are random: fidelity says how far
 the sampling trajectory drifts, not how a picture would look.
+
+A "per step" row splits the target setting's cost: the wall and CPU time of its full and its shallow steps
+and of the uncached run's steps (sampler callback stamps of alternated whole runs), the shallow step as a
+share of a full one, and the speed-up those per-step costs give without the per-run fixed costs, next to the
+ceiling of the schedule (all steps / full steps: what free shallow steps would give).
 """
 from __future__ import annotations
 
 import logging
 import math
 import re
+import statistics
 
 import torch
 
@@ -88,6 +94,37 @@ def run(ctx: BenchContext) -> None:
                         shallow_calls=summary.last,
                         **fidelity(m.result, ref.result),
                         notes="fidelity vs the uncached run, random weights")
+        per_step_row(ctx, base, dc0, DeepCacheConfig(**kw0), f"DeepCache {name0}, cfg {ctx.cfg}: per step")
     finally:
         dcn.log.removeHandler(summary)
         dcn.log.setLevel(level)
+
+
+def per_step_row(ctx: BenchContext, base, model, config, name: str, rounds: int = 3) -> None:
+    """Full vs shallow step costs of `model` (DeepCache on `base`), from whole runs alternated with `base`."""
+    from sdxl_optimizer.ops.deepcache import uniform_full_steps
+
+    if config.schedule != "uniform" or (config.start_percent, config.end_percent) != (0.0, 1.0):
+        raise ValueError("per_step_row expects the uniform schedule over the whole run")
+    full = set(uniform_full_steps(ctx.steps, config.interval))
+    ref, dc_full, dc_shallow = [], [], []
+    for _ in range(1 if ctx.small else rounds):
+        ref += ctx.step_stamps(base, steps=ctx.steps)
+        for i, p in enumerate(ctx.step_stamps(model, steps=ctx.steps)):
+            (dc_full if i + 1 in full else dc_shallow).append(p)  # entry i is step i + 1
+    if not dc_full or not dc_shallow:
+        return
+
+    def med(pairs, k):
+        return statistics.median(p[k] for p in pairs) * 1000
+
+    n_full = len(full)
+    ref_ms, full_ms, shallow_ms = med(ref, 0), med(dc_full, 0), med(dc_shallow, 0)
+    ctx.add_row("deepcache", name, uncached_ms_per_step=round(ref_ms, 2), uncached_cpu_ms=round(med(ref, 1), 2),
+                full_ms_per_step=round(full_ms, 2), full_cpu_ms=round(med(dc_full, 1), 2),
+                shallow_ms_per_step=round(shallow_ms, 2), shallow_cpu_ms=round(med(dc_shallow, 1), 2),
+                shallow_pct_of_full=round(100 * shallow_ms / full_ms, 1),
+                steady_speedup=round(ctx.steps * ref_ms / (n_full * full_ms + (ctx.steps - n_full) * shallow_ms), 3),
+                ceiling_speedup=round(ctx.steps / n_full, 3),
+                timing=f"medians over {1 if ctx.small else rounds} alternated {ctx.steps}-step runs per model "
+                       f"(sampler callback stamps; {n_full} full steps per run)")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..ops import fp8 as fp8ops
+from ..ops import fp8_groups
 from . import CATEGORY
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,25 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
     layers, LoRA weight functions) goes through the host's forward and forward_comfy_cast_weights."""
 
     fp8_fused = False
+    _fp8_slot: tuple | None = None  # (UpcastGroup, index) when the layer's block upcasts its weights at once
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        fp8_groups.bump_epoch()  # weights, weight functions, devices: grouped upcasts re-check who takes part
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        fp8_groups.bump_epoch()
+        return out
 
     def fp8_direct(self, input: torch.Tensor) -> tuple | None:
         """(upcast weight, bias in the input's dtype) for a direct forward, or None (take the host's path)."""
+        slot = None if fp8_groups._is_compiling() else self.__dict__.get("_fp8_slot")
+        if slot is not None:
+            w = slot[0].view(slot[1], input)
+            if w is not None:  # the block's graph already upcast it (eligibility checked by the group)
+                b = self._parameters.get("bias")
+                return w, b if b is None or b.dtype == input.dtype else b.to(input.dtype)
         wb = _direct_params(self, input, same_dtype=False)
         if wb is None or wb[0] is None:
             return None
@@ -137,6 +154,60 @@ class Fp8GroupNorm(DirectNorm, comfy.ops.manual_cast.GroupNorm):
 class Fp8LayerNorm(DirectNorm, comfy.ops.manual_cast.LayerNorm):
     def norm(self, input, weight, bias):
         return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+
+
+def _group_member(m) -> bool:
+    return isinstance(m, Fp8Layer) and not m.fp8_fused  # fused layers read their fp8 weight directly
+
+
+def _group_eligible(layer, device: torch.device) -> bool:
+    """A member takes part in its block's grouped upcast: fp8 weight (and bias) on the block's device and
+    nothing for the host to apply at compute time (else it takes its own path, as without groups)."""
+    p = layer._parameters
+    w, b = p.get("weight"), p.get("bias")
+    return (w is not None and fp8ops.is_fp8(w.dtype) and w.device == device and (b is None or b.device == device)
+            and _host_free(layer))
+
+
+GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
+
+
+def attach_upcast_groups(model) -> int:
+    """Group the fp8 layers of a freshly loaded MODEL's UNet per block (ops/fp8_groups.py): each block's
+    eager CUDA forward upcasts its layers' weights with one CUDA graph launch. Returns the number of groups
+    (0 when already attached or nothing to group). Only for models this pack's loaders just built."""
+    dm = model.model.diffusion_model
+    if dm.__dict__.get(GROUPS_ATTR) is not None:
+        return 0
+    planned = fp8_groups.plan_groups(dm, _group_member)
+    if not planned:
+        return 0
+
+    def on_disable(why: str) -> None:
+        log.warning("SDXLOpt FP8: grouped upcast switched off for this model: %s. Each layer upcasts its own "
+                    "weight (same result, more host time per step).", why)
+
+    groups = []
+    scratch = fp8_groups.UpcastScratch(0, on_disable)
+    for _block, layers in planned:
+        g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible)
+        for i, m in enumerate(layers):
+            m.__dict__["_fp8_slot"] = (g, i)  # plain dict write: no nn.Module bookkeeping, no epoch bump
+        groups.append(g)
+    scratch.capacity = max(g.numel for g in groups)
+    dm.register_forward_pre_hook(scratch.begin)
+    dm.register_forward_hook(scratch.end, always_call=True)
+    dm.__dict__[GROUPS_ATTR] = groups
+    return len(groups)
+
+
+def _groups_text(model) -> str:
+    """What the load line says about grouped upcasts (nothing where they cannot run: not CUDA, fused only)."""
+    groups = model.model.diffusion_model.__dict__.get(GROUPS_ATTR)
+    if not groups or comfy.model_management.get_torch_device().type != "cuda":
+        return ""
+    return (f"; other upcasts grouped: one CUDA graph replay per block ({len(groups)} blocks, "
+            f"{groups[0].scratch.capacity * 2 / 1e6:.0f} MB scratch)")
 
 
 _OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}
@@ -273,7 +344,7 @@ def _log_plan(name: str, plan: fp8ops.Fp8Plan, model) -> None:
     sizes = fp8ops.weight_bytes(model.model.diffusion_model)
     total = sum(sizes.values()) / GIB
     parts = ", ".join(f"{d} {b / GIB:.2f} GiB" for d, b in sorted(sizes.items(), key=lambda kv: -kv[1]))
-    line = f"SDXLOpt FP8: {name}: UNet {total:.2f} GiB ({parts}); {plan.describe()}"
+    line = f"SDXLOpt FP8: {name}: UNet {total:.2f} GiB ({parts}); {plan.describe()}{_groups_text(model)}"
     degraded = not plan.fused and plan.reason != fp8ops.SWITCHED_OFF
     (log.warning if degraded else log.info)(line)
 
@@ -295,6 +366,7 @@ def load_checkpoint_fp8(path: str, plan: fp8ops.Fp8Plan, name: str | None = None
         raise
     model, clip, vae = out[0], out[1], out[2]
     _check_loaded(model, name)
+    attach_upcast_groups(model)
     _log_plan(name, plan, model)
     return model, clip, vae
 
@@ -309,6 +381,7 @@ def load_unet_fp8(path: str, plan: fp8ops.Fp8Plan, name: str | None = None):
             raise _detection_error(e, name) from e
         raise
     _check_loaded(model, name)
+    attach_upcast_groups(model)
     _log_plan(name, plan, model)
     return model
 

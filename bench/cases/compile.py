@@ -115,7 +115,7 @@ def fp8_model(ctx: BenchContext, base, fused: bool) -> tuple[object, str]:
     import comfy.sd
     import comfy.supported_models
 
-    from sdxl_optimizer.nodes.fp8 import make_plan, operations_for
+    from sdxl_optimizer.nodes.fp8 import attach_upcast_groups, make_plan, operations_for
 
     plan = make_plan("auto", fused)
     options = {"custom_operations": operations_for(plan)}
@@ -124,6 +124,7 @@ def fp8_model(ctx: BenchContext, base, fused: bool) -> tuple[object, str]:
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
         if model is None:
             raise RuntimeError("ComfyUI did not detect the benchmark state dict as SDXL")
+        attach_upcast_groups(model)  # as the loaders do (no-ops under compile)
         return model, plan.describe()
     cfg = comfy.supported_models.SDXL(ctx.unet_config)  # the tiny UNet: detection knows full-size SDXL only
     cfg.set_inference_dtype(ctx.dtype, None)

@@ -4,7 +4,9 @@ Rows (full mode: SDXL with random weights, 1024x1024, Euler, 50 steps, cfg 5, on
   fp16                              the stock model (the same weights every other row starts from)
   core fp8_e4m3fn                   core's way: load_diffusion_model_state_dict(model_options={"dtype": fp8}),
                                     what UNETLoader's weight_dtype=fp8_e4m3fn does (every weight fp8, manual cast)
-  ours e4m3fn, per-call upcast      our custom_operations, fused matmul off (storage only)
+  ours e4m3fn, per-layer upcast     our custom_operations, fused matmul off, no grouped upcast
+  ours e4m3fn, grouped upcast       the same plus the loaders' grouped upcast (one CUDA graph replay per block,
+                                    ops/fp8_groups.py): what the SDXLOpt FP8 loaders give by default
   ours e4m3fn, fused Triton matmul  our custom_operations with the fused weight-only fp8 kernel (Ada/Hopper)
   ours e5m2, ...                    the same for float8_e5m2 (fused where available, else per-call upcast)
 Columns: s_per_image (median over interleaved rounds after one warm-up run, which also autotunes the fused
@@ -106,7 +108,7 @@ def run(ctx: BenchContext) -> None:
     """Every timed path (stock fp16 included) runs interleaved in rounds (A B C, A B C, ...; median), because
     eager SDXL on a fast GPU is launch-bound and drifts between minutes by more than the differences measured
     here; each row's peak comes from a separate run with only that model loaded."""
-    from sdxl_optimizer.nodes.fp8 import fp8_operations
+    from sdxl_optimizer.nodes.fp8 import attach_upcast_groups, fp8_operations
     from sdxl_optimizer.ops import fp8 as ofp8
 
     base = ctx.base_model()
@@ -122,8 +124,12 @@ def run(ctx: BenchContext) -> None:
         upcast = ofp8.plan(name, ctx.device, fused=False)
         fused = ofp8.plan(name, ctx.device, fused=True)
         timed_upcast = short == "e4m3fn" or not fused.fused  # e5m2: time the faster path only
-        variants.append((f"ours {short}, per-call upcast", {"custom_operations": fp8_operations(
-            upcast.storage_dtype, False)}, upcast.describe(), timed_upcast))
+        variants.append((f"ours {short}, per-layer upcast", {"custom_operations": fp8_operations(
+            upcast.storage_dtype, False)}, upcast.describe() + ", no grouped upcast", timed_upcast))
+        if short == "e4m3fn":
+            variants.append((f"ours {short}, grouped upcast", {"custom_operations": fp8_operations(
+                upcast.storage_dtype, False), "grouped": True},
+                upcast.describe() + ", grouped upcast: one CUDA graph replay per block", True))
         if fused.fused:
             variants.append((f"ours {short}, fused Triton matmul", {"custom_operations": fp8_operations(
                 fused.storage_dtype, True)}, fused.describe(), short == "e4m3fn"))
@@ -135,7 +141,11 @@ def run(ctx: BenchContext) -> None:
                                            "path": "stock ComfyUI, " + base_name.split()[0] + " weights"}}
     for name, options, path, timed in variants:
         try:
+            options = dict(options)
+            grouped = options.pop("grouped", False)
             model = _build(ctx, sd, options)
+            if grouped or "fused" in name:  # the loaders attach groups (the fused rows: their convs)
+                attach_upcast_groups(model)
             err = _rel_err(_forward(model, inp), ref)
             extras[name] = {"rel_err": round(err, 5), "weights_gib": _weights_gib(model), "path": path}
             if timed:

@@ -1,0 +1,236 @@
+"""Grouped fp8 upcast: one CUDA graph launch upcasts all the fp8 weights of a block into a shared scratch buffer.
+
+Why this file exists: eager SDXL on a fast GPU is bound by the host, not the GPU (measured on a lent H100:
+a batch-2 1024x1024 UNet forward issues ~43 ms of kernels but takes ~60 ms of host time). Storing weights
+in fp8 and upcasting each one before its matmul adds ~800 `.to()` calls per forward, each an allocation and a
+kernel launch: +19 ms of host time per forward there (+30%), while the upcast kernels themselves add only
+~9 ms of GPU time, which the idle GPU absorbs. The upcasts of one block (an SDXL transformer block holds 10
+Linear layers) are independent copies of fixed shapes between fixed addresses, so they are captured once
+into a CUDA graph that writes every weight of the block into a scratch buffer; each step then pays one graph
+launch per block, and each layer reads its fp16/bf16 weight as a view of the scratch.
+
+Safety: all groups of a model share one scratch buffer (the largest group's size: ~70 MB for SDXL) and at
+most one group is "live" (its weights in the scratch). Inside a forward of the model (between the root
+module's pre- and post-forward hooks) the first member layer of a group that runs replays the group's graph
+and makes it live; the other members then read their views. A group made live replaces the one before, so
+members called in any order still read their own weights (at worst with extra replays); outside a forward,
+and at the start and end of each, no group is live and a layer upcasts itself as before. Before a replay
+the group compares
+the weights' current addresses with the captured ones (weights replaced by a LoRA patch, moved by
+offloading) and re-captures when they differ; in-place weight updates need nothing (the graph reads the
+weights' memory at replay time). Which layers may take part (on the block's device, nothing for the host
+to apply at compute time) is decided by the caller's `eligible` function, re-evaluated whenever any fp8
+layer's attributes or parameters change (`bump_epoch`). Any failure to capture switches grouping off for
+that model with one logged line. Under torch.compile the hooks do nothing (the compiler fuses the upcasts).
+
+Torch only; the ComfyUI side (which layers, hooks on which blocks) is nodes/fp8.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+# a group holds at most this many weights: one SDXL transformer block (34.7 M) or 1280-channel res block (31 M);
+# the shared scratch is this size in the compute dtype (~70 MB in fp16)
+GROUP_MAX_PARAMS = 36_000_000
+ALIGN = 64  # elements: every view starts 128-byte aligned (fp16), as cuBLAS / cuDNN kernels prefer
+
+_EPOCH = [0]  # bumped whenever an fp8 layer's attributes or parameters change anywhere
+
+
+def bump_epoch() -> None:
+    _EPOCH[0] += 1
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def plan_groups(root: torch.nn.Module, is_member: Callable[[torch.nn.Module], bool],
+                max_params: int = GROUP_MAX_PARAMS) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
+    """(block, member layers) for the coarsest submodules of `root` whose member layers hold <= max_params
+    weights in all and number at least two; members outside every such block are left out (they upcast
+    themselves)."""
+    out: list[tuple[torch.nn.Module, list[torch.nn.Module]]] = []
+
+    def visit(m: torch.nn.Module) -> None:
+        members = [x for x in m.modules() if is_member(x)]
+        if len(members) < 2:
+            return
+        if m is not root and sum(x.weight.numel() for x in members) <= max_params:
+            out.append((m, members))
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(root)
+    return out
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class UpcastScratch:
+    """The buffer every group of one model writes into, and which group's views it holds now (`live`)."""
+
+    def __init__(self, capacity: int, on_disable: Callable[[str], None] | None = None,
+                 use_graphs: bool = True) -> None:
+        self.capacity = capacity  # elements
+        self.buffer: torch.Tensor | None = None
+        self.generation = 0  # bumped when the buffer is reallocated (every group re-captures)
+        self.live: UpcastGroup | None = None
+        self.disabled: str | None = None
+        self.on_disable = on_disable
+        self.use_graphs = use_graphs  # False: plain copies (CPU tests of the bookkeeping); never faster
+        self.in_forward = False  # between the root module's pre- and post-forward hooks
+
+    # forward hooks of the root module (the UNet): groups are live only inside one of its forwards
+    def begin(self, module, args, kwargs=None) -> None:
+        self._reset(not _is_compiling())
+
+    def end(self, module, args, *rest) -> None:
+        self._reset(False)
+
+    def _reset(self, in_forward: bool) -> None:
+        if self.live is not None:
+            self.live.live = False
+            self.live = None
+        self.in_forward = in_forward
+
+    def get(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        b = self.buffer
+        if b is None or b.device != device or b.dtype != dtype:
+            self.buffer = None  # free the old one first
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: writable in and out of it
+                self.buffer = torch.empty(self.capacity, device=device, dtype=dtype)
+            self.generation += 1
+        return self.buffer
+
+    def accepts(self, device: torch.device) -> bool:
+        """CUDA graphs need a CUDA device; elsewhere each layer upcasts itself (no launch overhead to save)."""
+        return device.type == "cuda" or not self.use_graphs
+
+    def disable(self, why: str) -> None:
+        if self.disabled is None:
+            self.disabled = why
+            if self.on_disable is not None:
+                self.on_disable(why)
+        if self.live is not None:
+            self.live.live = False
+            self.live = None
+        self.buffer = None
+
+
+class UpcastGroup:
+    """The member layers of one block, upcast together by `activate(x)` (one graph replay)."""
+
+    def __init__(self, layers: Iterable[torch.nn.Module], scratch: UpcastScratch,
+                 eligible: Callable[[torch.nn.Module, torch.device], bool]) -> None:
+        self.layers = list(layers)
+        self.scratch = scratch
+        self.eligible = eligible
+        self.views: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.live = False
+        self.mask: tuple[bool, ...] = ()
+        self.mask_for: tuple | None = None  # (epoch, device) the mask was computed for
+        self.key: tuple | None = None  # what the views / graph were made for
+        self.graph = None
+        self.replays = 0
+        self.captures = 0
+
+    @property
+    def numel(self) -> int:
+        return sum(_aligned(m.weight.numel()) for m in self.layers)
+
+    def view(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member `index`'s weight upcast to x's dtype, for a call on `x` inside a forward of the model (the
+        group made live first if it is not); None when the member computes on its own."""
+        if not self.live:
+            if not self.scratch.in_forward:
+                return None
+            self.activate(x)
+            if not self.live:
+                return None
+        v = self.views[index]
+        return v if v is not None and v.dtype == x.dtype and v.device == x.device else None
+
+    def activate(self, x) -> None:
+        """Upcast the eligible members' weights into the scratch for a block call on `x` (one graph replay)."""
+        scratch = self.scratch
+        if scratch.live is not None:
+            scratch.live.live = False
+            scratch.live = None
+        if scratch.disabled or not torch.is_tensor(x) or not x.is_floating_point():
+            return
+        if not scratch.accepts(x.device):
+            return
+        device, dtype = x.device, x.dtype
+        if self.mask_for != (_EPOCH[0], device):
+            self.mask = tuple(bool(self.eligible(m, device)) for m in self.layers)
+            self.mask_for = (_EPOCH[0], device)
+        if not any(self.mask):
+            return
+        buffer = scratch.get(device, dtype)
+        ptrs = tuple(m._parameters["weight"].data_ptr() if ok else 0 for m, ok in zip(self.layers, self.mask))
+        key = (scratch.generation, dtype, ptrs)
+        if key != self.key and not self._build(buffer, key):
+            return
+        if self.graph is not None:
+            self.graph.replay()
+        else:  # no graphs (tests): the same copies, one by one
+            for v, m in zip(self.views, self.layers):
+                if v is not None:
+                    v.copy_(m._parameters["weight"])
+        self.replays += 1
+        self.live = True
+        scratch.live = self
+
+    def deactivate(self) -> None:
+        if self.live:
+            self.live = False
+            if self.scratch.live is self:
+                self.scratch.live = None
+
+    def _build(self, buffer: torch.Tensor, key: tuple) -> bool:
+        self.key, self.graph = None, None
+        self.views = [None] * len(self.layers)
+        views: list[torch.Tensor | None] = []
+        offset = 0
+        for m, ok in zip(self.layers, self.mask):
+            w = m._parameters["weight"]
+            if not ok:
+                views.append(None)
+                continue
+            views.append(buffer[offset:offset + w.numel()].view(w.shape))
+            offset += _aligned(w.numel())
+        if offset > buffer.numel():  # cannot happen with the planned capacity; never write past the buffer
+            self.scratch.disable(f"a group needs {offset} elements, the scratch holds {buffer.numel()}")
+            return False
+        if self.scratch.use_graphs:
+            try:
+                self.graph = self._capture(views, buffer.device)
+            except Exception as e:  # a device or driver that cannot capture: every layer upcasts itself
+                self.scratch.disable(f"CUDA graph capture failed ({type(e).__name__}: {e})")
+                return False
+        self.views, self.key = views, key
+        self.captures += 1
+        return True
+
+    def _capture(self, views: list[torch.Tensor | None], device: torch.device):
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                for v, m in zip(views, self.layers):
+                    if v is not None:
+                        v.copy_(m._parameters["weight"])
+            finally:
+                graph.capture_end()
+        current.wait_stream(side)
+        return graph

@@ -188,7 +188,7 @@ def attach_upcast_groups(model) -> int:
                     "weight (same result, more host time per step).", why)
 
     groups = []
-    scratch = fp8_groups.UpcastScratch(0, on_disable)
+    scratch = fp8_groups.UpcastScratch(0, on_disable, root=dm)
     for _block, layers in planned:
         g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible)
         for i, m in enumerate(layers):

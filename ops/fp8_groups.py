@@ -73,14 +73,21 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+BUFFER_NAME = "_sdxlopt_fp8_upcast_scratch"
+
+
 class UpcastScratch:
-    """The buffer every group of one model writes into, and which group's views it holds now (`live`)."""
+    """The buffer every group of one model writes into, and which group's views it holds now (`live`).
+
+    The buffer is a non-persistent buffer of the model's root module (not in its state dict), made on the
+    first grouped forward: moving the model (offloading it to the CPU, loading it back) moves the scratch
+    with it instead of leaving it on the GPU; a moved buffer has a new address, so every group re-captures."""
 
     def __init__(self, capacity: int, on_disable: Callable[[str], None] | None = None,
-                 use_graphs: bool = True) -> None:
+                 use_graphs: bool = True, root: torch.nn.Module | None = None) -> None:
         self.capacity = capacity  # elements
-        self.buffer: torch.Tensor | None = None
-        self.generation = 0  # bumped when the buffer is reallocated (every group re-captures)
+        self.root = root if root is not None else torch.nn.Module()
+        self.root.register_buffer(BUFFER_NAME, None, persistent=False)
         self.live: UpcastGroup | None = None
         self.disabled: str | None = None
         self.on_disable = on_disable
@@ -100,13 +107,20 @@ class UpcastScratch:
             self.live = None
         self.in_forward = in_forward
 
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        return self.root._buffers.get(BUFFER_NAME)
+
+    @buffer.setter
+    def buffer(self, value: torch.Tensor | None) -> None:
+        self.root._buffers[BUFFER_NAME] = value
+
     def get(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         b = self.buffer
-        if b is None or b.device != device or b.dtype != dtype:
+        if b is None or b.device != device or b.dtype != dtype or b.numel() < self.capacity:
             self.buffer = None  # free the old one first
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor: writable in and out of it
                 self.buffer = torch.empty(self.capacity, device=device, dtype=dtype)
-            self.generation += 1
         return self.buffer
 
     def accepts(self, device: torch.device) -> bool:
@@ -175,7 +189,7 @@ class UpcastGroup:
             return
         buffer = scratch.get(device, dtype)
         ptrs = tuple(m._parameters["weight"].data_ptr() if ok else 0 for m, ok in zip(self.layers, self.mask))
-        key = (scratch.generation, dtype, ptrs)
+        key = (buffer.data_ptr(), dtype, ptrs)
         if key != self.key and not self._build(buffer, key):
             return
         if self.graph is not None:

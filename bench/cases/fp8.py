@@ -13,6 +13,7 @@ Columns: s_per_image (median over interleaved rounds after one warm-up run, whic
 kernel; SDXLOPT_BENCH_FP8_ROUNDS sets the rounds), peak_vram_gib (peak allocated during sampling with only
 that model loaded: weights + activations), x_fp16 (s/image over the fp16 row's), x_fp16_per_step and ms_per_step_steady (steady-state step cost from
 many short runs alternated with fp16, median of per-round ratios: less drift than whole-image medians),
+model_peak_gib (peak_vram_gib minus residue_gib, what was still allocated before that model loaded),
 rel_err (one UNet forward, batch 2 at the benchmark resolution, max|y - y_fp16| / max|y_fp16|),
 weights_gib (UNet parameter bytes), path (what ran, and why).
 
@@ -91,17 +92,22 @@ def _release(ctx: BenchContext) -> None:
         torch.cuda.empty_cache()
 
 
-def _peak_gib(ctx: BenchContext, model) -> float:
-    """Peak allocated memory of one sampling run with only `model` loaded (weights + activations)."""
+def _peak_gib(ctx: BenchContext, model) -> tuple[float, float]:
+    """(peak, residue): peak allocated memory of one sampling run with only `model` loaded (weights +
+    activations), and what stayed allocated before the model was loaded (other models' leftovers: the
+    model's own peak is the difference)."""
     ctx.free_models()
     if ctx.device.type != "cuda":
-        return 0.0
+        return 0.0, 0.0
+    gc.collect()
+    torch.cuda.empty_cache()
+    residue = torch.cuda.memory_allocated() / GIB
     ctx.sample(model)
     ctx.sync()
     torch.cuda.reset_peak_memory_stats()
     ctx.sample(model)
     ctx.sync()
-    return torch.cuda.max_memory_allocated() / GIB
+    return torch.cuda.max_memory_allocated() / GIB, residue
 
 
 def run(ctx: BenchContext) -> None:
@@ -170,8 +176,9 @@ def run(ctx: BenchContext) -> None:
     per_step = ctx.step_ratio_interleaved(models, base_name)
     base_s = measured[base_name].seconds
     for name, m in measured.items():
-        m.peak_gib = peaks[name]
-        ctx.add_row(CASE, name, m, x_fp16=round(m.seconds / base_s, 3),
+        m.peak_gib = peaks[name][0]
+        ctx.add_row(CASE, name, m, x_fp16=round(m.seconds / base_s, 3), residue_gib=round(peaks[name][1], 3),
+                    model_peak_gib=round(peaks[name][0] - peaks[name][1], 3),
                     x_fp16_per_step=round(per_step[name]["ratio"], 3),
                     ms_per_step_steady=round(per_step[name]["step_s"] * 1000, 2),
                     cpu_x_fp16_per_step=round(per_step[name]["cpu_ratio"], 3), **extras[name])

@@ -93,7 +93,6 @@ def test_a_merged_lora_rebuilds_and_a_lowvram_lora_opts_out(capsys):
     (low VRAM): both give exactly what the per-layer path gives with the same LoRA."""
     import comfy.model_management as mm
     import comfy.sd
-
     from test_fp8 import forward_lowvram, tiny_lora
 
     inp = bridge.random_unet_inputs(1, batch=1, size=8)

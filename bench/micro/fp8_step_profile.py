@@ -24,9 +24,10 @@ def main() -> None:
     from bench.common import BenchContext
 
     ctx = BenchContext(small=False, out_dir=None)
-    from sdxl_optimizer.nodes.fp8 import fp8_operations
-    from bench.cases.fp8 import _build, _forward_inputs
     import comfy.model_management as mm
+
+    from bench.cases.fp8 import _build, _forward_inputs
+    from sdxl_optimizer.nodes.fp8 import fp8_operations
 
     base = ctx.base_model()
     sd = {k: v.to("cpu") for k, v in base.model.diffusion_model.state_dict().items()}

@@ -23,6 +23,7 @@ from comfy_api.latest import io
 
 from ..ops import fp8 as fp8ops
 from ..ops import fp8_groups
+from ..ops.compiling import is_compiling
 from . import CATEGORY
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
 
     def fp8_direct(self, input: torch.Tensor) -> tuple | None:
         """(upcast weight, bias in the input's dtype) for a direct forward, or None (take the host's path)."""
-        slot = None if fp8_groups._is_compiling() else self.__dict__.get("_fp8_slot")
+        slot = None if is_compiling() else self.__dict__.get("_fp8_slot")
         if slot is not None:
             w = slot[0].view(slot[1], input)
             if w is not None:  # the block's graph already upcast it (eligibility checked by the group)

@@ -312,6 +312,7 @@ _FUSED_OP = _register_op()
 
 
 def _is_compiling() -> bool:
+    # ops/compiling.py's is_compiling, kept here: this file also runs standalone (the Triton interpreter test)
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 

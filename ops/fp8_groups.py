@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .compiling import is_compiling as _is_compiling
+
 # a group holds at most this many weights: one SDXL transformer block (34.7 M) or 1280-channel res block (31 M);
 # the shared scratch is this size in the compute dtype (~70 MB in fp16)
 GROUP_MAX_PARAMS = 36_000_000
@@ -41,11 +43,6 @@ _EPOCH = [0]  # bumped whenever an fp8 layer's attributes or parameters change a
 
 def bump_epoch() -> None:
     _EPOCH[0] += 1
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def plan_groups(root: torch.nn.Module, is_member: Callable[[torch.nn.Module], bool],

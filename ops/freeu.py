@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .compiling import is_compiling as _is_compiling
+
 # (b1, b2, s1, s2) published for each model family (FreeU repository README; SDXL is also the values of
 # the SDXL optimization guide by Félix San)
 PRESETS: dict[str, tuple[float, float, float, float]] = {
@@ -146,11 +148,6 @@ def _real_basis(n: int, threshold: int, device: torch.device) -> torch.Tensor:
     angle = (2 * math.pi / n) * torch.outer(k, torch.arange(n, dtype=wide, device=device))
     cos, sin = torch.cos(angle), torch.sin(angle)
     return torch.cat((cos, sin, sin, -cos)).to(device=device, dtype=torch.float32)
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def _memo(store: dict, key: tuple, build):

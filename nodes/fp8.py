@@ -54,15 +54,14 @@ def _host_free(layer) -> bool:
             and "_v" not in layer._buffers)
 
 
-def _direct_params(layer, input: torch.Tensor, same_dtype: bool) -> tuple | None:
-    """(weight, bias) when the layer can compute without comfy.ops' cast helper: both (where present) on the
-    input's device, also in its dtype when `same_dtype`, and nothing for the host to apply; else None.
+def _direct_params(layer, device: torch.device, dtype: torch.dtype | None = None) -> tuple | None:
+    """(weight, bias) when the layer can compute without comfy.ops' cast helper: both (where present) on
+    `device`, also in `dtype` when one is given, and nothing for the host to apply; else None.
     Reads the parameter dict once: this runs for every layer of every step of an eager, launch-bound UNet."""
     params = layer._parameters
     w, b = params.get("weight"), params.get("bias")
-    dev, dtype = input.device, input.dtype
     for t in (w, b):
-        if t is not None and (t.device != dev or (same_dtype and t.dtype != dtype)):
+        if t is not None and (t.device != device or (dtype is not None and t.dtype != dtype)):
             return None
     return (w, b) if _host_free(layer) else None
 
@@ -90,17 +89,14 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
     def fp8_direct(self, input: torch.Tensor) -> tuple | None:
         """(upcast weight, bias in the input's dtype) for a direct forward, or None (take the host's path)."""
         slot = None if is_compiling() else self.__dict__.get("_fp8_slot")
-        if slot is not None:
-            w = slot[0].view(slot[1], input)
-            if w is not None:  # the block's graph already upcast it (eligibility checked by the group)
-                b = self._parameters.get("bias")
-                return w, b if b is None or b.dtype == input.dtype else b.to(input.dtype)
-        wb = _direct_params(self, input, same_dtype=False)
-        if wb is None or wb[0] is None:
-            return None
-        w, b = wb
-        dtype = input.dtype
-        return w if self.fp8_fused else w.to(dtype), b if b is None or b.dtype == dtype else b.to(dtype)
+        w = None if slot is None else slot[0].view(slot[1], input)  # the block's graph already upcast it
+        if w is None:
+            wb = _direct_params(self, input.device)  # the fp8 weight is upcast to the input's dtype
+            if wb is None or wb[0] is None:
+                return None
+            w = wb[0] if self.fp8_fused else wb[0].to(input.dtype)
+        b = self._parameters.get("bias")
+        return w, b if b is None or b.dtype == input.dtype else b.to(input.dtype)
 
 
 class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
@@ -140,7 +136,7 @@ class DirectNorm:
     fp16 model; otherwise manual_cast's forward (offloaded layers, a compute dtype the weights are not in)."""
 
     def forward(self, input, *args, **kwargs):
-        wb = None if args or kwargs else _direct_params(self, input, same_dtype=True)
+        wb = None if args or kwargs else _direct_params(self, input.device, input.dtype)
         if wb is None:
             return super().forward(input, *args, **kwargs)
         comfy.ops.run_every_op()
@@ -162,12 +158,10 @@ def _group_member(m) -> bool:
 
 
 def _group_eligible(layer, device: torch.device) -> bool:
-    """A member takes part in its block's grouped upcast: fp8 weight (and bias) on the block's device and
-    nothing for the host to apply at compute time (else it takes its own path, as without groups)."""
-    p = layer._parameters
-    w, b = p.get("weight"), p.get("bias")
-    return (w is not None and fp8ops.is_fp8(w.dtype) and w.device == device and (b is None or b.device == device)
-            and _host_free(layer))
+    """A member takes part in its block's grouped upcast when it would compute directly on `device` (weight
+    and bias there, nothing for the host to apply) with an fp8 weight; else it takes its own path."""
+    wb = _direct_params(layer, device)
+    return wb is not None and wb[0] is not None and fp8ops.is_fp8(wb[0].dtype)
 
 
 GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
@@ -189,7 +183,7 @@ def attach_upcast_groups(model) -> int:
                     "weight (same result, more host time per step).", why)
 
     groups = []
-    scratch = fp8_groups.UpcastScratch(0, on_disable, root=dm)
+    scratch = fp8_groups.UpcastScratch(dm, 0, on_disable)
     for _block, layers in planned:
         g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible)
         for i, m in enumerate(layers):

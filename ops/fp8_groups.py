@@ -80,10 +80,10 @@ class UpcastScratch:
     first grouped forward: moving the model (offloading it to the CPU, loading it back) moves the scratch
     with it instead of leaving it on the GPU; a moved buffer has a new address, so every group re-captures."""
 
-    def __init__(self, capacity: int, on_disable: Callable[[str], None] | None = None,
-                 use_graphs: bool = True, root: torch.nn.Module | None = None) -> None:
+    def __init__(self, root: torch.nn.Module, capacity: int, on_disable: Callable[[str], None] | None = None,
+                 use_graphs: bool = True) -> None:
         self.capacity = capacity  # elements
-        self.root = root if root is not None else torch.nn.Module()
+        self.root = root
         self.root.register_buffer(BUFFER_NAME, None, persistent=False)
         self.live: UpcastGroup | None = None
         self.disabled: str | None = None
@@ -198,12 +198,6 @@ class UpcastGroup:
         self.replays += 1
         self.live = True
         scratch.live = self
-
-    def deactivate(self) -> None:
-        if self.live:
-            self.live = False
-            if self.scratch.live is self:
-                self.scratch.live = None
 
     def _build(self, buffer: torch.Tensor, key: tuple) -> bool:
         self.key, self.graph = None, None

@@ -158,8 +158,8 @@ def test_grouped_block_compiles_fullgraph_and_matches():
         lin.load_state_dict(ref.state_dict())
     planned = fp8_groups.plan_groups(root, nfp8._group_member)
     assert [b for b, _ in planned] == [block]
-    s = fp8_groups.UpcastScratch(max(sum(fp8_groups._aligned(x.weight.numel()) for x in layers)
-                                     for _, layers in planned), use_graphs=False)
+    s = fp8_groups.UpcastScratch(root, max(sum(fp8_groups._aligned(x.weight.numel()) for x in layers)
+                                           for _, layers in planned), use_graphs=False)
     g = fp8_groups.UpcastGroup(planned[0][1], s, nfp8._group_eligible)
     for i, lin in enumerate(g.layers):
         lin.__dict__["_fp8_slot"] = (g, i)

@@ -138,7 +138,7 @@ def run(ctx: BenchContext) -> None:
                 upcast.describe() + ", grouped upcast: one CUDA graph replay per block", True))
         if fused.fused:
             variants.append((f"ours {short}, fused Triton matmul", {"custom_operations": fp8_operations(
-                fused.storage_dtype, True)}, fused.describe(), short == "e4m3fn"))
+                fused.storage_dtype, True), "grouped": True}, fused.describe(), short == "e4m3fn"))
         else:
             ctx.add_row(CASE, f"ours {short}, fused Triton matmul", notes=f"skipped: {fused.reason}")
 
@@ -150,7 +150,7 @@ def run(ctx: BenchContext) -> None:
             options = dict(options)
             grouped = options.pop("grouped", False)
             model = _build(ctx, sd, options)
-            if grouped or "fused" in name:  # the loaders attach groups (the fused rows: their convs)
+            if grouped:  # as the loaders do (on the fused rows it groups the convs)
                 attach_upcast_groups(model)
             err = _rel_err(_forward(model, inp), ref)
             extras[name] = {"rel_err": round(err, 5), "weights_gib": _weights_gib(model), "path": path}

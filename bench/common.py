@@ -210,9 +210,7 @@ class BenchContext:
         self.step_period(model, steps=2)  # warm: nothing lazy inside the profiled run
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             self.step_period(model, steps=steps)
-        total_us = 0.0
-        for e in prof.key_averages():
-            total_us += float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        total_us = kernel_us(prof)
         return total_us / 1000 / steps if total_us > 0 else None
 
     def step_ratio_interleaved(self, models: dict[str, Any], reference: str, rounds: int | None = None,
@@ -260,6 +258,22 @@ class BenchContext:
         print(f"  {case}/{name}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("case", "name")),
               flush=True)
         return row
+
+
+def kernel_us(prof) -> float:
+    """Total GPU kernel time (us) of a torch.profiler run: the device entries only. With CPU activity on, each
+    CPU op also carries its kernels' time as self device time; summing every entry would count kernels twice."""
+    from torch.autograd import DeviceType
+
+    return sum(float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+               for e in prof.key_averages() if e.device_type != DeviceType.CPU)
+
+
+def kernel_count(prof) -> int:
+    """Kernels (and other device ops) launched in a torch.profiler run."""
+    from torch.autograd import DeviceType
+
+    return sum(e.count for e in prof.key_averages() if e.device_type != DeviceType.CPU)
 
 
 def init_random_(module: torch.nn.Module, seed: int) -> None:

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 
 def main() -> None:
-    from bench.common import BenchContext
+    from bench.common import BenchContext, kernel_count, kernel_us
 
     ctx = BenchContext(small=False, out_dir=None)
     import comfy.model_management as mm
@@ -64,9 +64,8 @@ def main() -> None:
                 fwd(p)
             torch.cuda.synchronize()
         avg = prof.key_averages()
-        gpu_us = sum(float(getattr(e, "self_device_time_total", 0.0) or 0.0) for e in avg)
+        gpu_us, kernels = kernel_us(prof), kernel_count(prof)
         runtime = {e.key: e.count for e in avg if e.key.startswith(("cuda", "cudaLaunch"))}
-        kernels = sum(e.count for e in avg if float(getattr(e, "self_device_time_total", 0.0) or 0.0) > 0)
         print(f"\n{k}: GPU kernel time {gpu_us / 3 / 1000:.2f} ms per forward, {kernels / 3:.0f} device ops; "
               f"CUDA runtime calls per forward: " + ", ".join(f"{n} {c / 3:.0f}" for n, c in sorted(runtime.items())))
         print(avg.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))

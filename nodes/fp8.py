@@ -101,6 +101,17 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
 
 class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
     def forward(self, input, *args, **kwargs):
+        slot = None if args or kwargs or is_compiling() else self.__dict__.get("_fp8_slot")
+        if slot is not None:  # a projection sharing its input: the chain's lead ran one matmul for all
+            group, index = slot
+            out = group.shared(index, input)
+            if out is not None:
+                comfy.ops.run_every_op()
+                return out
+            joined = group.joined_view(index, input)
+            if joined is not None:
+                comfy.ops.run_every_op()
+                return group.share(index, input, F.linear(input, joined))
         wb = None if args or kwargs else self.fp8_direct(input)
         if wb is None:
             return super().forward(input, *args, **kwargs)
@@ -167,6 +178,25 @@ def _group_eligible(layer, device: torch.device) -> bool:
 GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
 
 
+def _projection_chains(block, layers) -> list[tuple[int, ...]]:
+    """Member indices of the attention projections in `block` that read one input: to_q/to_k/to_v of a
+    self-attention (all three the same width, as SDXL's attn1), to_k/to_v of a cross-attention; only
+    bias-free fp8 Linear members (ComfyUI's CrossAttention: to_q(x), to_k(context or x), to_v(value or
+    context or x), one call each)."""
+    index = {id(m): i for i, m in enumerate(layers)}
+    chains = []
+    for attn in block.modules():
+        proj = [getattr(attn, n, None) for n in ("to_q", "to_k", "to_v")]
+        if not all(isinstance(p, Fp8Linear) and id(p) in index and p.bias is None for p in proj):
+            continue
+        q, k, v = proj
+        if k.weight.shape[1] != v.weight.shape[1]:
+            continue
+        chain = (q, k, v) if q.weight.shape[1] == k.weight.shape[1] else (k, v)
+        chains.append(tuple(index[id(p)] for p in chain))
+    return chains
+
+
 def attach_upcast_groups(model) -> int:
     """Group the fp8 layers of a freshly loaded MODEL's UNet per block (ops/fp8_groups.py): each block's
     eager CUDA forward upcasts its layers' weights with one CUDA graph launch. Returns the number of groups
@@ -184,8 +214,8 @@ def attach_upcast_groups(model) -> int:
 
     groups = []
     scratch = fp8_groups.UpcastScratch(dm, 0, on_disable)
-    for _block, layers in planned:
-        g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible)
+    for block, layers in planned:
+        g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible, _projection_chains(block, layers))
         for i, m in enumerate(layers):
             m.__dict__["_fp8_slot"] = (g, i)  # plain dict write: no nn.Module bookkeeping, no epoch bump
         groups.append(g)

@@ -23,6 +23,15 @@ to apply at compute time) is decided by the caller's `eligible` function, re-eva
 layer's attributes or parameters change (`bump_epoch`). Any failure to capture switches grouping off for
 that model with one logged line. Under torch.compile the hooks do nothing (the compiler fuses the upcasts).
 
+Shared projections: attention's q/k/v projections read the same input (k/v alone in cross-attention). A
+group can be told such chains of members (`chains`: member indices, lead first); when every member of a
+chain takes part and their views sit back to back in the scratch (same input width), the lead's call runs
+one matmul with the chain's weights as one matrix and hands each follower its slice of the output, for a
+call on the very same input tensor (identity, not equality). A follower called on anything else switches
+its chain off for good (one wasted matmul), as do followers that keep not being called; nothing changes in
+what any layer returns. Measured on an H100 (batch-2 1024x1024 eager SDXL forward): three
+matmul launches fewer per transformer block, ~10% of the host time of a forward.
+
 Torch only; the ComfyUI side (which layers, hooks on which blocks) is nodes/fp8.py.
 """
 from __future__ import annotations
@@ -36,6 +45,7 @@ from .compiling import is_compiling as _is_compiling
 # a group holds at most this many weights: one SDXL transformer block (34.7 M) or 1280-channel res block (31 M);
 # the shared scratch is this size in the compute dtype (~70 MB in fp16)
 GROUP_MAX_PARAMS = 36_000_000
+UNUSED_LIMIT = 3  # a chain whose followers were not called this many times is switched off
 ALIGN = 64  # elements: every view starts 128-byte aligned (fp16), as cuBLAS / cuDNN kernels prefer
 
 _EPOCH = [0]  # bumped whenever an fp8 layer's attributes or parameters change anywhere
@@ -100,7 +110,7 @@ class UpcastScratch:
 
     def _reset(self, in_forward: bool) -> None:
         if self.live is not None:
-            self.live.live = False
+            self.live.deactivate()
             self.live = None
         self.in_forward = in_forward
 
@@ -130,7 +140,7 @@ class UpcastScratch:
             if self.on_disable is not None:
                 self.on_disable(why)
         if self.live is not None:
-            self.live.live = False
+            self.live.deactivate()
             self.live = None
         self.buffer = None
 
@@ -139,8 +149,14 @@ class UpcastGroup:
     """The member layers of one block, upcast together by `activate(x)` (one graph replay)."""
 
     def __init__(self, layers: Iterable[torch.nn.Module], scratch: UpcastScratch,
-                 eligible: Callable[[torch.nn.Module, torch.device], bool]) -> None:
+                 eligible: Callable[[torch.nn.Module, torch.device], bool],
+                 chains: Iterable[tuple[int, ...]] = ()) -> None:
         self.layers = list(layers)
+        self.chains = {c[0]: tuple(c) for c in chains if len(c) > 1}  # lead index -> member indices
+        self.chains_off: set[int] = set()  # leads of chains switched off (followers took other inputs)
+        self.unused: dict[int, int] = {}  # lead -> how often its followers were not called at all
+        self.joined: dict[int, torch.Tensor] = {}  # lead index -> the chain's weights as one view
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # follower -> (input, its output)
         self.scratch = scratch
         self.eligible = eligible
         self.views: list[torch.Tensor | None] = [None] * len(self.layers)
@@ -168,11 +184,55 @@ class UpcastGroup:
         v = self.views[index]
         return v if v is not None and v.dtype == x.dtype and v.device == x.device else None
 
+    def deactivate(self) -> None:
+        """No longer live. Outputs a lead kept for followers that were not called are dropped; a chain whose
+        followers keep not being called (UNUSED_LIMIT times: a patch that calls only the lead, say) is
+        switched off, while a one-off (an error or an interrupt between the calls) changes nothing."""
+        self.live = False
+        if self.pending:
+            for lead in self._leads_of(self.pending):
+                self.unused[lead] = self.unused.get(lead, 0) + 1
+                if self.unused[lead] >= UNUSED_LIMIT:
+                    self.chains_off.add(lead)
+            self.pending.clear()
+
+    def joined_view(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """For the lead of a chain: the chain's weights as one [sum of outputs, inputs] matrix in x's dtype
+        (the group made live first), or None (no chain, switched off, or a member computes on its own)."""
+        if index not in self.chains or index in self.chains_off or self.view(index, x) is None:
+            return None
+        return self.joined.get(index)
+
+    def share(self, index: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The lead's output of the joined matmul on x: keep each follower's slice, return the lead's."""
+        chain = self.chains[index]
+        parts = out.split([self.layers[i].weight.shape[0] for i in chain], dim=-1)
+        for i, part in zip(chain[1:], parts[1:]):
+            self.pending[i] = (x, part)
+        return parts[0]
+
+    def shared(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """A follower's output kept by its lead for this very input, or None (then it computes itself). A
+        follower called on another input switches its chain off for good."""
+        if not self.pending:
+            return None
+        got = self.pending.pop(index, None)
+        if got is None:
+            return None
+        if got[0] is x:
+            return got[1]
+        self.chains_off.update(self._leads_of((index,)))
+        self.pending.clear()
+        return None
+
+    def _leads_of(self, followers) -> list[int]:
+        return [lead for lead, chain in self.chains.items() if any(i in chain for i in followers)]
+
     def activate(self, x) -> None:
         """Upcast the eligible members' weights into the scratch for a block call on `x` (one graph replay)."""
         scratch = self.scratch
         if scratch.live is not None:
-            scratch.live.live = False
+            scratch.live.deactivate()
             scratch.live = None
         if scratch.disabled or not torch.is_tensor(x) or not x.is_floating_point():
             return
@@ -202,6 +262,7 @@ class UpcastGroup:
     def _build(self, buffer: torch.Tensor, key: tuple) -> bool:
         self.key, self.graph = None, None
         self.views = [None] * len(self.layers)
+        self.joined = {}
         views: list[torch.Tensor | None] = []
         offset = 0
         for m, ok in zip(self.layers, self.mask):
@@ -221,8 +282,22 @@ class UpcastGroup:
                 self.scratch.disable(f"CUDA graph capture failed ({type(e).__name__}: {e})")
                 return False
         self.views, self.key = views, key
+        self.joined = self._join(views)
         self.captures += 1
         return True
+
+    def _join(self, views: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
+        """Per chain whose members all take part, with views back to back and one input width: one view."""
+        out = {}
+        for lead, chain in self.chains.items():
+            vs = [views[i] for i in chain]
+            if any(v is None or v.dim() != 2 for v in vs) or len({v.shape[1] for v in vs}) != 1:
+                continue
+            if any(b.data_ptr() != a.data_ptr() + a.numel() * a.element_size() for a, b in zip(vs, vs[1:])):
+                continue
+            rows = sum(v.shape[0] for v in vs)
+            out[lead] = vs[0].as_strided((rows, vs[0].shape[1]), vs[0].stride())
+        return out
 
     def _capture(self, views: list[torch.Tensor | None], device: torch.device):
         graph = torch.cuda.CUDAGraph()

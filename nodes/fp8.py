@@ -86,9 +86,9 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
         fp8_groups.bump_epoch()
         return out
 
-    def fp8_direct(self, input: torch.Tensor) -> tuple | None:
-        """(upcast weight, bias in the input's dtype) for a direct forward, or None (take the host's path)."""
-        slot = None if is_compiling() else self.__dict__.get("_fp8_slot")
+    def fp8_direct(self, input: torch.Tensor, slot: tuple | None = None) -> tuple | None:
+        """(upcast weight, bias in the input's dtype) for a direct forward, or None (take the host's path).
+        `slot`: the layer's (group, index), looked up by the caller outside torch.compile."""
         w = None if slot is None else slot[0].view(slot[1], input)  # the block's graph already upcast it
         if w is None:
             wb = _direct_params(self, input.device)  # the fp8 weight is upcast to the input's dtype
@@ -112,7 +112,7 @@ class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
             if joined is not None:
                 comfy.ops.run_every_op()
                 return group.share(index, input, F.linear(input, joined))
-        wb = None if args or kwargs else self.fp8_direct(input)
+        wb = None if args or kwargs else self.fp8_direct(input, slot)
         if wb is None:
             return super().forward(input, *args, **kwargs)
         comfy.ops.run_every_op()
@@ -134,7 +134,8 @@ class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
 
 class Fp8Conv2d(Fp8Layer, comfy.ops.manual_cast.Conv2d):  # fp8_fused is always False (no fused conv kernel)
     def forward(self, input, *args, **kwargs):
-        wb = None if args or kwargs else self.fp8_direct(input)
+        wb = None if args or kwargs else self.fp8_direct(input, None if is_compiling() else
+                                                         self.__dict__.get("_fp8_slot"))
         if wb is None:  # offloaded or patched at compute time: manual_cast upcasts in comfy.ops.cast_bias_weight
             return super().forward(input, *args, **kwargs)
         comfy.ops.run_every_op()

@@ -152,6 +152,7 @@ class UpcastGroup:
                  eligible: Callable[[torch.nn.Module, torch.device], bool],
                  chains: Iterable[tuple[int, ...]] = ()) -> None:
         self.layers = list(layers)
+        self.params = [m._parameters for m in self.layers]  # read per replay: the weights' current addresses
         self.chains = {c[0]: tuple(c) for c in chains if len(c) > 1}  # lead index -> member indices
         self.chains_off: set[int] = set()  # leads of chains switched off (followers took other inputs)
         self.unused: dict[int, int] = {}  # lead -> how often its followers were not called at all
@@ -245,7 +246,7 @@ class UpcastGroup:
         if not any(self.mask):
             return
         buffer = scratch.get(device, dtype)
-        ptrs = tuple(m._parameters["weight"].data_ptr() if ok else 0 for m, ok in zip(self.layers, self.mask))
+        ptrs = tuple([p["weight"].data_ptr() if ok else 0 for p, ok in zip(self.params, self.mask)])
         key = (buffer.data_ptr(), dtype, ptrs)
         if key != self.key and not self._build(buffer, key):
             return

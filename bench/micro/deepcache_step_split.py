@@ -6,8 +6,10 @@ Full SDXL fp16 (random weights), 1024x1024, Euler, cfg 5, 24-step runs through c
 DeepCache interval 3 / branch 0, alternated. Per step (sampler callback stamps): wall and host CPU time, and
 the host CPU time spent inside the UNet call (forward pre-hook to forward hook of the diffusion model, which
 holds DeepCache's wrapper and shallow forward); the rest of a step is the host's sampler (Euler, CFG,
-conditioning batching, model_sampling) and the callback. Then a cProfile of one DeepCache run: the
-functions with the most own time (cProfile inflates Python time; read shares, not milliseconds).
+conditioning batching, model_sampling) and the callback. GPU time per step from CUDA events recorded at
+the callbacks. Then a cProfile of the shallow steps only (switched on and off at the callbacks) of one
+DeepCache run: the functions with the most own and cumulative time (cProfile inflates Python time; read
+shares, not milliseconds).
 """
 from __future__ import annotations
 
@@ -43,17 +45,28 @@ def main() -> None:
         latent = ctx.latent(1)["samples"]
         noise = comfy.sample.prepare_noise(latent, 0)
         stamps: list[tuple[float, float]] = []
+        events: list = []
         inside.clear()
-        if prof is not None:
-            prof.enable()
+
+        def callback(i, *a):
+            stamps.append((time.perf_counter(), time.thread_time()))
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append(ev)
+            if prof is not None:  # profile the next step only if it is a shallow one (full: 0, 3, 6, ...)
+                if (i + 1) % 3:
+                    prof.enable()
+                else:
+                    prof.disable()
+
         comfy.sample.sample(model, noise, steps, ctx.cfg, "euler", "normal", pos, neg, latent, seed=0,
-                            callback=lambda *a: stamps.append((time.perf_counter(), time.thread_time())),
-                            disable_pbar=True)
+                            callback=callback, disable_pbar=True)
         if prof is not None:
             prof.disable()
         torch.cuda.synchronize()
-        per = [(b[0] - a[0], b[1] - a[1], inside[i + 1]) for i, (a, b) in enumerate(zip(stamps, stamps[1:]))]
-        return per  # entry i: step i + 1 (wall, cpu, cpu inside the UNet call)
+        gpu = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+        per = [(b[0] - a[0], b[1] - a[1], inside[i + 1], gpu[i]) for i, (a, b) in enumerate(zip(stamps, stamps[1:]))]
+        return per  # entry i: step i + 1 (wall, cpu, cpu inside the UNet call, GPU event time)
 
     for m in (base, dc, base, dc):
         run(m)
@@ -63,14 +76,16 @@ def main() -> None:
         for i, p in enumerate(run(dc)):
             rows["full" if (i + 1) % 3 == 0 else "shallow"].append(p)
     for k, v in rows.items():
-        wall, cpu, unet = (statistics.median(p[j] for p in v) * 1e3 for j in range(3))
+        wall, cpu, unet, gpu = (statistics.median(p[j] for p in v) * 1e3 for j in range(4))
         print(f"{k:9s} step: wall {wall:7.2f} ms, host CPU {cpu:7.2f} ms, of which inside the UNet call "
-              f"{unet:6.2f} ms, outside (sampler, callback) {cpu - unet:6.2f} ms  [{len(v)} steps]")
+              f"{unet:6.2f} ms, outside (sampler, callback) {cpu - unet:6.2f} ms; GPU events {gpu:7.2f} ms "
+              f"[{len(v)} steps]")
     prof = cProfile.Profile()
     run(dc, prof)
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(45)
-    print(s.getvalue())
+    for key, n in (("tottime", 30), ("cumulative", 45)):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(n)
+        print(f"--- shallow steps only, by {key}\n" + s.getvalue())
 
 
 if __name__ == "__main__":

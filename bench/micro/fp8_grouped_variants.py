@@ -6,13 +6,16 @@ Full SDXL UNet (random weights), batch-2 1024x1024 eager forwards, alternated, m
 time, plus GPU kernel time (torch.profiler). Variants marked "timing only" compute wrong values on purpose
 (they isolate one cost):
   fp16                      stock ComfyUI fp16 model
-  fp8 grouped               the loaders' fp8 model (one CUDA graph of per-weight copies per block)
+  fp8 grouped               the loaders' fp8 model (one CUDA graph of per-weight copies per block, joined
+                            attention projections)
+  fp8 grouped, unjoined     the same with every projection chain switched off (one matmul per layer)
   fp8 grouped, no replay    timing only: the graphs are not replayed (what the copies cost in all)
   fp8 grouped, packed copy  timing only: one copy kernel per block from a contiguous fp8 buffer (what a
                             packed or multi-tensor upcast would cost)
-  fp16 / fp8 grouped + fused qkv
-                            attention projections as one matmul (q,k,v of self-attention; k,v of cross-
-                            attention) through a patched CrossAttention.forward (what fusing saves)
+  fp16 + fused qkv          stock fp16 with the attention projections as one matmul (q,k,v of self-
+                            attention; k,v of cross-attention) through a patched CrossAttention.forward:
+                            what the same fusion gives a stock model
+Then a cProfile of fp16 and fp8 grouped forwards: the Python functions whose own time differs most.
 """
 from __future__ import annotations
 
@@ -41,9 +44,6 @@ def _fused_attention_forward(orig):
     from comfy.ldm.modules.attention import optimized_attention
 
     def weights(layer, x):
-        slot = layer.__dict__.get("_fp8_slot")
-        if slot is not None:
-            return slot[0].view(slot[1], x)
         w = layer.weight
         return w if w.dtype == x.dtype else None
 
@@ -55,14 +55,7 @@ def _fused_attention_forward(orig):
         ws = [weights(m, x) for m in layers]
         if any(w is None for w in ws):
             return orig(self, x, context, value, mask, transformer_options)
-        if cat == "fp16":
-            w = self.__dict__["_qkv_w"][context is not None]
-        else:  # fp8 grouped: the views sit next to each other in the scratch
-            n = ws[0].numel()
-            base = ws[0]
-            if any(w.data_ptr() != base.data_ptr() + i * n * base.element_size() for i, w in enumerate(ws)):
-                return orig(self, x, context, value, mask, transformer_options)
-            w = torch.as_strided(base, (n // base.shape[1] * len(ws), base.shape[1]), base.stride())
+        w = self.__dict__["_qkv_w"][context is not None]
         if context is None:
             q, k, v = F.linear(x, w).chunk(3, dim=-1)
         else:
@@ -111,28 +104,25 @@ def main() -> None:
         m.__dict__["_qkv_w"] = (torch.cat([m.to_q.weight, m.to_k.weight, m.to_v.weight])
                                 if m.to_q.weight.shape == m.to_k.weight.shape else None,
                                 torch.cat([m.to_k.weight, m.to_v.weight]))
-    attn8 = [m for m in fp8.model.diffusion_model.modules() if isinstance(m, CrossAttention)]
     orig_forward = CrossAttention.forward
     fused_forward = _fused_attention_forward(orig_forward)
 
     def mode(name):
         for g, gr, pk in zip(groups, graphs, packed):
             g.graph = no_replay if "no replay" in name else pk if "packed" in name else gr
+            g.chains_off = set(g.chains) if "unjoined" in name else set()
         fused = "fused qkv" in name
         CrossAttention.forward = fused_forward if fused else orig_forward
         for m in attn:
             m.__dict__["_qkv"] = "fp16" if fused else None
-        for m in attn8:
-            m.__dict__["_qkv"] = "fp8" if fused else None
         return fp8 if "fp8" in name else base
 
-    variants = ["fp16", "fp8 grouped", "fp8 grouped, no replay", "fp8 grouped, packed copy",
-                "fp16 + fused qkv", "fp8 grouped + fused qkv"]
-    for name in ("fp16 + fused qkv", "fp8 grouped + fused qkv"):
-        p = mode(name)
-        out = fwd(p).float()
-        ref = ref8 if "fp8" in name else ref16
-        print(f"{name}: max |out - unfused| / max |unfused| = {float((out - ref).abs().max() / ref.abs().max()):.2e}")
+    variants = ["fp16", "fp8 grouped", "fp8 grouped, unjoined", "fp8 grouped, no replay",
+                "fp8 grouped, packed copy", "fp16 + fused qkv"]
+    for name, ref in (("fp16 + fused qkv", ref16), ("fp8 grouped, unjoined", ref8)):
+        out = fwd(mode(name)).float()
+        print(f"{name}: max |out - other| / max |other| = {float((out - ref).abs().max() / ref.abs().max()):.2e}"
+              f" (other: {'fp16' if ref is ref16 else 'fp8 grouped'})")
     for name in variants:
         p = mode(name)
         for _ in range(3):
@@ -167,6 +157,25 @@ def main() -> None:
               " ms host" if graph_launch else "")
         print(f"{name}: GPU kernel time {kernel_us(prof) / 3e3:.2f} ms per forward, "
               f"{kernel_count(prof) / 3:.0f} device ops{gl}")
+    import cProfile
+    import pstats
+    own = {}
+    for name in ("fp16", "fp8 grouped"):
+        p = mode(name)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            fwd(p)
+        prof.disable()
+        torch.cuda.synchronize()
+        st = pstats.Stats(prof).stats
+        own[name] = {f"{k[0].split('/')[-1]}:{k[1]}({k[2]})": (v[1], v[2]) for k, v in st.items()}
+    keys = set(own["fp16"]) | set(own["fp8 grouped"])
+    diff = sorted(keys, key=lambda k: -abs(own["fp8 grouped"].get(k, (0, 0))[1] - own["fp16"].get(k, (0, 0))[1]))
+    print("\ncProfile, 10 forwards each: own time (ms per forward) and calls per forward, largest differences")
+    for k in diff[:30]:
+        a, b = own["fp16"].get(k, (0, 0)), own["fp8 grouped"].get(k, (0, 0))
+        print(f"  {k[:90]:90s} fp16 {a[1] * 100:7.3f} ms {a[0] / 10:6.0f}x   fp8 {b[1] * 100:7.3f} ms {b[0] / 10:6.0f}x")
     mode("fp16")
 
 

@@ -46,6 +46,7 @@ def main() -> None:
         noise = comfy.sample.prepare_noise(latent, 0)
         stamps: list[tuple[float, float]] = []
         events: list = []
+        on = [False]
         inside.clear()
 
         def callback(i, *a):
@@ -54,14 +55,15 @@ def main() -> None:
             ev.record()
             events.append(ev)
             if prof is not None:  # profile the next step only if it is a shallow one (full: 0, 3, 6, ...)
-                if (i + 1) % 3:
-                    prof.enable()
-                else:
-                    prof.disable()
+                want = bool((i + 1) % 3)
+                if want != on[0]:
+                    prof.enable() if want else prof.disable()
+                    on[0] = want
 
-        comfy.sample.sample(model, noise, steps, ctx.cfg, "euler", "normal", pos, neg, latent, seed=0,
-                            callback=callback, disable_pbar=True)
-        if prof is not None:
+        with torch.inference_mode():  # as ComfyUI's executor runs prompts
+            comfy.sample.sample(model, noise, steps, ctx.cfg, "euler", "normal", pos, neg, latent, seed=0,
+                                callback=callback, disable_pbar=True)
+        if prof is not None and on[0]:
             prof.disable()
         torch.cuda.synchronize()
         gpu = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .cuda_graphs import StaticGraphs
 from .steps import StepClock, step_index
 
 SCHEDULES = ("uniform", "non-uniform")
@@ -157,6 +158,7 @@ class DeepCacheState:
         self.fallback: str | None = None  # why the schedule differs from the one asked for, if it does
         self.warned: set[str] = set()  # one-per-run warnings already logged by the caller
         self.clock: StepClock | None = None  # the run's step counter (set by nodes/_run.py)
+        self.graphs = StaticGraphs()  # the run's shallow path as CUDA graphs (nodes/deepcache.py decides when)
 
     @property
     def prepared(self) -> bool:
@@ -226,4 +228,6 @@ class DeepCacheState:
         line = (f"DeepCache: {self.shallow_calls}/{self.calls} UNet calls took the shallow path "
                 f"(interval {cfg.interval}, branch {cfg.branch}, {cfg.schedule}, "
                 f"window {cfg.start_percent:g}-{cfg.end_percent:g})")
+        if self.graphs.replays:
+            line += f", {self.graphs.replays} of them replayed as a CUDA graph"
         return line + (f"; {self.fallback}" if self.fallback else "")

@@ -76,6 +76,23 @@ def tiny():
     return factories.tiny_unet(seed=7)
 
 
+@pytest.fixture(autouse=True, params=["cuda", "plain"])
+def graph_mode(request, monkeypatch):
+    """Every test twice: as on a CPU user's machine ("cuda" mode: no graphs off CUDA) and with the shallow
+    calls going through the CUDA-graph bookkeeping (static input buffers, weight keys) as plain calls, which
+    is all of the graph path that runs without a GPU (the capture itself: bench/cases/deepcache.py)."""
+    monkeypatch.setattr(dcn, "GRAPH_MODE", request.param)
+    return request.param
+
+
+REPLAYED = re.compile(r"took the shallow path \([^)]*\), (\d+) of them replayed as a CUDA graph")
+
+
+def replayed(caplog) -> list[int]:
+    return [int(m[1]) if (m := REPLAYED.search(r.getMessage())) else 0
+            for r in caplog.records if SUMMARY.search(r.getMessage())]
+
+
 # ---------------------------------------------------------------- ops: schedule, mapping, cache
 
 def reference_quad_center():
@@ -548,3 +565,82 @@ def test_fp8_weights_with_deepcache(caplog):
                                            dcn.transformer_index_before_output(unet, first_out), inp["x"],
                                            inp["t"], inp["context"], inp["y"], transformer_options={})
     assert torch.equal(shallow, full)
+
+
+# ---------------------------------------------------------------- the shallow path as a CUDA graph
+
+def test_graphed_shallow_calls_replay_and_match_eager(tiny, caplog, graph_mode, monkeypatch):
+    """Plain model, no patches: every shallow call goes through the graph path (static buffers, one capture
+    per run and shape) and the run's output equals the eager run's exactly."""
+    caplog.set_level(logging.INFO)
+    out = sample(deepcache(tiny, interval=3), steps=7)
+    monkeypatch.setattr(dcn, "GRAPH_MODE", "off")
+    ref = sample(deepcache(tiny, interval=3), steps=7)
+    assert torch.equal(out, ref)
+    counts = shallow_counts(caplog)
+    assert counts[0] == (4, 7) and counts[1] == (4, 7)
+    assert replayed(caplog) == ([4, 0] if graph_mode == "plain" else [0, 0])
+
+
+def test_graph_path_stands_aside_for_patches_control_and_fp8(tiny, caplog, graph_mode):
+    """Anything whose Python would be frozen by a capture keeps the eager shallow path: patches (FreeU),
+    ControlNet, fp8 (or any cast) weights."""
+    import nodes as core
+
+    from sdxl_optimizer.nodes import fp8 as nfp8
+
+    caplog.set_level(logging.INFO)
+    freeu = core.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(tiny, 1.3, 1.4, 0.9, 0.2)[0]
+    sample(deepcache(freeu, interval=3, branch=5))
+    cnet = tiny_controlnet()
+    sample(deepcache(tiny, interval=3, branch=4), pos=with_control(POS, cnet), neg=with_control(NEG, cnet))
+    m8 = factories.tiny_unet(7, model_options={"custom_operations": nfp8.fp8_operations(torch.float8_e4m3fn)})
+    sample(deepcache(m8, interval=3))
+    assert [c[0] > 0 for c in shallow_counts(caplog)] == [True, True, True]
+    assert replayed(caplog) == [0, 0, 0]
+
+
+def test_plain_weights_key_follows_replaced_weights_and_refuses_cast_layers(tiny):
+    import comfy.model_management as mm
+
+    unet = tiny.model.diffusion_model
+    n_in, first_out = dco.shallow_plan(0, dcn.num_skips(unet))
+    layers = dcn.shallow_layers(unet, n_in, first_out)
+    assert unet.out[2] in layers and unet.input_blocks[0][0] in layers and unet.middle_block[0] not in layers
+    mm.load_models_gpu([tiny])
+    x = torch.zeros(1, 4, SIZE, SIZE)
+    key = dcn.plain_weights_key(layers, x)
+    assert key is not None and key == dcn.plain_weights_key(layers, x)
+    conv = unet.out[2]
+    old = conv.weight
+    try:  # what a LoRA merged at full load does: a new parameter at a new address
+        conv.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)
+        assert dcn.plain_weights_key(layers, x) not in (None, key)
+        conv.weight_function = [lambda w: w]  # a low-VRAM LoRA: applied at compute time
+        assert dcn.plain_weights_key(layers, x) is None
+    finally:
+        conv.weight = old
+        del conv.weight_function
+    assert dcn.plain_weights_key(layers, x) == key
+    assert dcn.plain_weights_key(layers, x.half()) is None, "weights in another dtype are cast per call"
+
+
+def test_static_graphs_copy_inputs_and_keep_a_bounded_set():
+    from sdxl_optimizer.ops.cuda_graphs import StaticGraphs
+
+    g = StaticGraphs(limit=2, use_graphs=False)
+    calls = []
+
+    def fn(a, b):
+        calls.append(a.shape)
+        return a * 2 + (0 if b is None else b)
+
+    a = torch.ones(3)
+    assert torch.equal(g(fn, (a, None), key="w1"), a * 2)
+    out = g(fn, (a + 1, None), key="w1")
+    assert torch.equal(out, (a + 1) * 2) and g.captures == 1 and g.replays == 2
+    g(fn, (torch.ones(4), torch.ones(4)), key="w1")  # another shape: another entry
+    g(fn, (a, None), key="w2")  # another key: another entry, the oldest one goes
+    assert g.captures == 3 and len(g.entries) == 2
+    g.clear()
+    assert not g.entries

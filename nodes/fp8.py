@@ -179,6 +179,23 @@ def _group_eligible(layer, device: torch.device) -> bool:
 GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
 
 
+BATCHED_UPCAST = True  # models attached from here on upcast each group with one Triton kernel where it works
+
+
+def batched_upcast(pairs):
+    """The grouped upcast's one-kernel path (ops/fp8.py triton_upcast_many) for (fp8 weight, view) pairs on
+    a CUDA device where the fp8 Triton kernels passed their self-test; None elsewhere (one copy per weight)."""
+    if not pairs:
+        return None
+    src_dtype, dst = pairs[0][0].dtype, pairs[0][1]
+    if dst.device.type != "cuda" or any(s.dtype != src_dtype or d.dtype != dst.dtype for s, d in pairs):
+        return None
+    if not fp8ops.fused_available(dst.device, src_dtype)[0]:
+        return None
+    table = torch.tensor(fp8ops.upcast_table(pairs), dtype=torch.int64, device=dst.device)
+    return lambda: fp8ops.triton_upcast_many(table, src_dtype, dst.dtype)
+
+
 def _projection_chains(block, layers) -> list[tuple[int, ...]]:
     """Member indices of the attention projections in `block` that read one input: to_q/to_k/to_v of a
     self-attention (all three the same width, as SDXL's attn1), to_k/to_v of a cross-attention; only
@@ -214,7 +231,7 @@ def attach_upcast_groups(model) -> int:
                     "weight (same result, more host time per step).", why)
 
     groups = []
-    scratch = fp8_groups.UpcastScratch(dm, 0, on_disable)
+    scratch = fp8_groups.UpcastScratch(dm, 0, on_disable, batched=batched_upcast if BATCHED_UPCAST else None)
     for block, layers in planned:
         g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible, _projection_chains(block, layers))
         for i, m in enumerate(layers):

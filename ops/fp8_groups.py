@@ -23,6 +23,12 @@ to apply at compute time) is decided by the caller's `eligible` function, re-eva
 layer's attributes or parameters change (`bump_epoch`). Any failure to capture switches grouping off for
 that model with one logged line. Under torch.compile the hooks do nothing (the compiler fuses the upcasts).
 
+One kernel per block: where the caller gives the scratch a `batched` factory (nodes/fp8.py: the Triton
+multi-tensor upcast of ops/fp8.py, on GPUs where the fp8 Triton kernels pass their self-test), a group's
+graph holds that one kernel instead of one torch copy per weight: fewer graph nodes to launch, and a
+conversion near memory bandwidth (torch's fp8 copy runs at ~1 TB/s on an H100). It is run once before the
+capture; if it fails, the copies take over for the whole scratch with one logged line.
+
 Shared projections: attention's q/k/v projections read the same input (k/v alone in cross-attention). A
 group can be told such chains of members (`chains`: member indices, lead first); when every member of a
 chain takes part and their views sit back to back in the scratch (same input width), the lead's call runs
@@ -37,6 +43,7 @@ Torch only; the ComfyUI side (which layers, hooks on which blocks) is nodes/fp8.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -46,6 +53,7 @@ from .compiling import is_compiling as _is_compiling
 # a group holds at most this many weights: one SDXL transformer block (34.7 M) or 1280-channel res block (31 M);
 # the shared scratch is this size in the compute dtype (~70 MB in fp16)
 GROUP_MAX_PARAMS = 36_000_000
+log = logging.getLogger(__name__)
 UNUSED_LIMIT = 3  # a chain whose followers were not called this many times is switched off
 ALIGN = 64  # elements: every view starts 128-byte aligned (fp16), as cuBLAS / cuDNN kernels prefer
 
@@ -92,8 +100,11 @@ class UpcastScratch:
     with it instead of leaving it on the GPU; a moved buffer has a new address, so every group re-captures."""
 
     def __init__(self, root: torch.nn.Module, capacity: int, on_disable: Callable[[str], None] | None = None,
-                 use_graphs: bool = True) -> None:
+                 use_graphs: bool = True, batched: Callable | None = None) -> None:
         self.capacity = capacity  # elements
+        # batched(pairs of (fp8 weight, scratch view)) -> a zero-argument launch doing all of a group's upcasts
+        # in one kernel, or None where it cannot; captured into the group's graph instead of one copy per weight
+        self.batched = batched
         self.root = root
         self.root.register_buffer(BUFFER_NAME, None, persistent=False)
         self.live: UpcastGroup | None = None
@@ -167,6 +178,7 @@ class UpcastGroup:
         self.mask_for: tuple | None = None  # (epoch, device) the mask was computed for
         self.key: tuple | None = None  # what the views / graph were made for
         self.graph = None
+        self.launch = None
         self.replays = 0
         self.captures = 0
 
@@ -307,12 +319,34 @@ class UpcastGroup:
         side = torch.cuda.Stream(device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
+            launch = self._batched_launch(views)  # run once here: compiled and checked outside the capture
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                for v, m in zip(views, self.layers):
-                    if v is not None:
-                        v.copy_(m._parameters["weight"])
+                if launch is not None:
+                    launch()
+                else:
+                    for v, m in zip(views, self.layers):
+                        if v is not None:
+                            v.copy_(m._parameters["weight"])
             finally:
                 graph.capture_end()
         current.wait_stream(side)
+        self.launch = launch  # what the graph's kernel reads (its address table) lives as long as the graph
         return graph
+
+    def _batched_launch(self, views: list[torch.Tensor | None]) -> Callable[[], None] | None:
+        """The scratch's one-kernel upcast of this group's weights, run once; None (one copy per weight) where
+        there is none or it failed (then switched off for the scratch, with one logged line)."""
+        batched = self.scratch.batched
+        if batched is None:
+            return None
+        try:
+            launch = batched([(m._parameters["weight"], v) for v, m in zip(views, self.layers) if v is not None])
+            if launch is not None:
+                launch()
+            return launch
+        except Exception as e:
+            self.scratch.batched = None
+            log.warning("SDXLOpt FP8: the one-kernel grouped upcast failed (%s: %s); grouped upcasts use one copy "
+                        "per weight (same result, more GPU time).", type(e).__name__, str(e)[:200])
+            return None

@@ -284,3 +284,70 @@ def test_a_chain_whose_followers_are_not_called_is_switched_off():
         s.begin(root, (x,))
         assert (g.chains_off == {0}) == (i == fp8_groups.UNUSED_LIMIT - 1)
     assert g.joined_view(0, x) is None and not g.pending
+
+
+# ---------------------------------------------------------------- one-kernel grouped upcast (Triton)
+
+_UPCAST_SCRIPT = r"""
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("fp8_ops_interp", sys.argv[1])
+m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; spec.loader.exec_module(m)
+out = []
+for sd in (torch.float8_e4m3fn, torch.float8_e5m2):
+    for dd in (torch.float16, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        ws = [m.quantize(torch.randn(n, generator=g), sd) for n in (300, 5000, 64)]
+        scratch = torch.full((6000,), -7.0, dtype=dd)
+        views, off = [], 0
+        for w in ws:
+            views.append(scratch[off:off + w.numel()]); off += (w.numel() + 63) // 64 * 64
+        table = torch.tensor(m.upcast_table(list(zip(ws, views)), block=1024), dtype=torch.int64)
+        m.triton_upcast_many(table, sd, dd, block=1024)
+        gaps_kept = bool((scratch[300:320] == -7).all())
+        out.append([str(sd), str(dd), all(torch.equal(v, w.to(dd)) for w, v in zip(ws, views)), gaps_kept,
+                    table.numel() // 3])
+print(json.dumps(out))
+"""
+
+
+def test_one_kernel_upcast_matches_the_copies_in_the_cpu_interpreter():
+    """The Triton multi-tensor upcast writes exactly what `.to()` gives, weight by weight, and nothing else."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", _UPCAST_SCRIPT, ofp8.__file__], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert proc.returncode == 0, f"expected the interpreted kernel to run, got:\n{proc.stderr[-3000:]}"
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4
+    for sd, dd, exact, gaps_kept, n_rows in rows:
+        assert exact and gaps_kept, f"{sd} -> {dd}: exact {exact}, alignment gaps untouched {gaps_kept}"
+        assert n_rows == 1 + 5 + 1, "one table row per 1024 elements of each weight"
+
+
+def test_batched_launch_runs_once_before_capture_and_a_failure_falls_back(caplog):
+    """The group's one-kernel launch is made and run once outside the capture; a factory that fails switches
+    the batched path off for the scratch with one warning (the copies take over); CPU gets none."""
+    m = tiny_fp8()
+    inp = bridge.random_unet_inputs(7, batch=1, size=8)
+    run(m, inp)
+    g = groups(m)[0]
+    ran = []
+    g.scratch.batched = lambda pairs: (lambda: ran.append(len(pairs)))
+    assert g._batched_launch(g.views) is not None and ran == [sum(v is not None for v in g.views)]
+
+    def broken(pairs):
+        raise RuntimeError("no kernel here")
+
+    g.scratch.batched = broken
+    with caplog.at_level(logging.WARNING):
+        assert g._batched_launch(g.views) is None and g._batched_launch(g.views) is None
+    assert g.scratch.batched is None
+    assert len([r for r in caplog.records if "one-kernel grouped upcast failed" in r.getMessage()]) == 1
+    pairs = [(layer.weight, v) for layer, v in zip(g.layers, g.views) if v is not None]
+    assert nfp8.batched_upcast(pairs) is None, "CPU tensors: no Triton launch"
+    rows = ofp8.upcast_table(pairs[:1], block=100)
+    assert rows[2::3] == [min(100, pairs[0][0].numel() - o) for o in range(0, pairs[0][0].numel(), 100)]

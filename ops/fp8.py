@@ -377,9 +377,13 @@ def _upcast_kernel():
     import triton.language as tl
 
     @triton.jit
-    def fp8_upcast_many(table, SRC_E5M2: tl.constexpr, DST_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    def fp8_upcast_many(table, SRC_E5M2: tl.constexpr, DST_BF16: tl.constexpr, BLOCK: tl.constexpr,
+                        ALIGN: tl.constexpr):
         row = table + tl.program_id(0) * 3
         src_addr, dst_addr, n = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+        # every row starts ALIGN-byte aligned (upcast_table checks): lets the loads and stores vectorize
+        src_addr = tl.multiple_of(src_addr, ALIGN)
+        dst_addr = tl.multiple_of(dst_addr, ALIGN)
         if SRC_E5M2:
             src = src_addr.to(tl.pointer_type(tl.float8e5))
         else:
@@ -388,7 +392,7 @@ def _upcast_kernel():
             dst = dst_addr.to(tl.pointer_type(tl.bfloat16))
         else:
             dst = dst_addr.to(tl.pointer_type(tl.float16))
-        offs = tl.arange(0, BLOCK)
+        offs = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK)
         mask = offs < n
         x = tl.load(src + offs, mask=mask, other=0.0)
         tl.store(dst + offs, x.to(dst.dtype.element_ty), mask=mask)
@@ -396,13 +400,22 @@ def _upcast_kernel():
     return fp8_upcast_many
 
 
+UPCAST_ALIGN = 16  # bytes: every table row's source and destination start on this boundary
+
+
 def upcast_table(pairs, block: int = UPCAST_BLOCK) -> list[int]:
     """Rows (source address, destination address, elements) covering each (fp8 source, destination) pair of
-    contiguous tensors in `block`-element pieces, flattened."""
+    contiguous tensors in `block`-element pieces, flattened. Raises ValueError for tensors that are not
+    contiguous, differ in size or do not start UPCAST_ALIGN-byte aligned (the kernel's vector accesses)."""
     rows: list[int] = []
+    if block % UPCAST_ALIGN:
+        raise ValueError(f"expected a block that is a multiple of {UPCAST_ALIGN}, got {block}")
     for src, dst in pairs:
         if src.numel() != dst.numel() or not src.is_contiguous() or not dst.is_contiguous():
             raise ValueError(f"expected contiguous tensors of one size, got {tuple(src.shape)} -> {tuple(dst.shape)}")
+        if src.data_ptr() % UPCAST_ALIGN or dst.data_ptr() % UPCAST_ALIGN:
+            raise ValueError(f"expected {UPCAST_ALIGN}-byte aligned tensors, got addresses {src.data_ptr()} and "
+                             f"{dst.data_ptr()}")
         s0, d0, n = src.data_ptr(), dst.data_ptr(), src.numel()
         for off in range(0, n, block):
             rows += [s0 + off * src.element_size(), d0 + off * dst.element_size(), min(block, n - off)]
@@ -416,7 +429,8 @@ def triton_upcast_many(table: torch.Tensor, src_dtype: torch.dtype, dst_dtype: t
         raise ValueError(f"expected fp8 -> float16/bfloat16, got {src_dtype} -> {dst_dtype}")
     kernel = _upcast_kernel()
     kernel[(table.numel() // 3,)](table, SRC_E5M2=src_dtype == FP8_DTYPES.get("float8_e5m2"),
-                                  DST_BF16=dst_dtype == torch.bfloat16, BLOCK=block, num_warps=8)
+                                  DST_BF16=dst_dtype == torch.bfloat16, BLOCK=block, ALIGN=UPCAST_ALIGN,
+                                  num_warps=8)
 
 
 SWITCHED_OFF = "fused matmul switched off"

@@ -234,7 +234,8 @@ def plain_weights_key(layers, x: torch.Tensor) -> tuple | None:
 
 def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input: int, first_output: int,
                      t_index: int, call: dict, extra: dict) -> torch.Tensor | None:
-    """A shallow call replayed as a CUDA graph (captured on the run's first such call per shape), or None when
+    """A shallow call replayed as a CUDA graph (captured on the first such call per shape and weights, kept
+    for later runs of the same node), or None when
     it does not qualify: CUDA only, no ControlNet, no patches of any kind (their Python would be frozen at
     capture), no extra UNet arguments, weights plain on the input's device and dtype (not fp8, not offloaded,
     no low-VRAM LoRA). Replaces the ~1.8 ms of launches of a shallow SDXL call by one graph launch."""
@@ -254,8 +255,10 @@ def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input:
         return shallow_unet_forward(unet, cached, n_input, first_output, t_index, x, timesteps, context, y,
                                     None, dict(options))
 
+    key = (key, torch.is_inference_mode_enabled())  # buffers made in inference mode take no copies outside it
     try:
         out = state.graphs(shallow, (x, call.get("timesteps"), call.get("context"), call.get("y"), cached), key)
+        state.graph_replays += 1
     except Exception as e:  # a capture the device or driver refuses: this run's shallow calls run eagerly
         state.warned.add("graph")
         state.graphs.clear()

@@ -139,13 +139,17 @@ class DeepCacheState:
     features whatever else was batched with them when they were computed.
     """
 
-    def __init__(self, config: DeepCacheConfig) -> None:
+    def __init__(self, config: DeepCacheConfig, graphs: StaticGraphs | None = None) -> None:
         self.config = config
+        # the shallow path as CUDA graphs (nodes/deepcache.py decides when), shared by the runs of one node:
+        # keyed by shapes and weight addresses, so a run reuses what an earlier one captured instead of
+        # capturing again and re-allocating the graphs' memory (~30 device allocations per run otherwise)
+        self.graphs = graphs if graphs is not None else StaticGraphs()
         self.reset()
 
     def clone(self) -> DeepCacheState:
-        """A fresh state with the same settings and nothing cached."""
-        return DeepCacheState(replace(self.config))
+        """A fresh state with the same settings and nothing cached (the captured graphs are shared)."""
+        return DeepCacheState(replace(self.config), self.graphs)
 
     def reset(self) -> None:
         """Drop the cache, the schedule and the counters (frees the cached tensors)."""
@@ -158,7 +162,7 @@ class DeepCacheState:
         self.fallback: str | None = None  # why the schedule differs from the one asked for, if it does
         self.warned: set[str] = set()  # one-per-run warnings already logged by the caller
         self.clock: StepClock | None = None  # the run's step counter (set by nodes/_run.py)
-        self.graphs = StaticGraphs()  # the run's shallow path as CUDA graphs (nodes/deepcache.py decides when)
+        self.graph_replays = 0  # this run's shallow calls replayed from self.graphs
 
     @property
     def prepared(self) -> bool:
@@ -228,6 +232,6 @@ class DeepCacheState:
         line = (f"DeepCache: {self.shallow_calls}/{self.calls} UNet calls took the shallow path "
                 f"(interval {cfg.interval}, branch {cfg.branch}, {cfg.schedule}, "
                 f"window {cfg.start_percent:g}-{cfg.end_percent:g})")
-        if self.graphs.replays:
-            line += f", {self.graphs.replays} of them replayed as a CUDA graph"
+        if self.graph_replays:
+            line += f", {self.graph_replays} of them replayed as a CUDA graph"
         return line + (f"; {self.fallback}" if self.fallback else "")

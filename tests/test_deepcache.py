@@ -644,3 +644,20 @@ def test_static_graphs_copy_inputs_and_keep_a_bounded_set():
     assert g.captures == 3 and len(g.entries) == 2
     g.clear()
     assert not g.entries
+
+
+def test_captured_graphs_are_reused_by_later_runs_of_the_node(tiny, caplog, graph_mode):
+    """The node's runs share its captured graphs (keyed by shapes and weight addresses): a second run with the
+    same shapes captures nothing; another resolution captures once more; outputs as eager."""
+    caplog.set_level(logging.INFO)
+    m = deepcache(tiny, interval=3)
+    graphs = m.model_options["transformer_options"][dcn.KEY].graphs
+    first = sample(m, steps=7)
+    captures = graphs.captures
+    second = sample(m, steps=7)
+    assert torch.equal(first, second)
+    assert graphs.captures == captures
+    sample(m, steps=7, size=(8, 12))
+    expected = [4, 4, 4] if graph_mode == "plain" else [0, 0, 0]
+    assert replayed(caplog) == expected
+    assert graphs.captures == (captures + 1 if graph_mode == "plain" else 0)

@@ -179,7 +179,11 @@ def _group_eligible(layer, device: torch.device) -> bool:
 GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
 
 
-BATCHED_UPCAST = True  # models attached from here on upcast each group with one Triton kernel where it works
+# models attached from here on upcast each group with one Triton kernel where it works. Off by default: the
+# kernel halves the upcast's GPU time (61 vs 127 us per SDXL block on an H100) but whole sampler steps were
+# not faster in two interleaved runs (1.109x vs 1.068x stock fp16 per step with the per-weight copies;
+# bench/results/gpu_fp8_kernel_h100_b.md), the step being bound by the host
+BATCHED_UPCAST = False
 
 
 def batched_upcast(pairs):

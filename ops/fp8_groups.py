@@ -27,7 +27,8 @@ One kernel per block: where the caller gives the scratch a `batched` factory (no
 multi-tensor upcast of ops/fp8.py, on GPUs where the fp8 Triton kernels pass their self-test), a group's
 graph holds that one kernel instead of one torch copy per weight: fewer graph nodes to launch, and a
 conversion near memory bandwidth (torch's fp8 copy runs at ~1 TB/s on an H100). It is run once before the
-capture; if it fails, the copies take over for the whole scratch with one logged line.
+capture; if it fails, the copies take over for the whole scratch with one logged line. (The loaders leave
+it off for now: whole eager steps were not faster with it on a lent H100, the step being host-bound.)
 
 Shared projections: attention's q/k/v projections read the same input (k/v alone in cross-attention). A
 group can be told such chains of members (`chains`: member indices, lead first); when every member of a

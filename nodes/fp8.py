@@ -184,6 +184,9 @@ GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
 # not faster in two interleaved runs (1.109x vs 1.068x stock fp16 per step with the per-weight copies;
 # bench/results/gpu_fp8_kernel_h100_b.md), the step being bound by the host
 BATCHED_UPCAST = False
+# attention projections of one input as one matmul (see _projection_chains); SDXLOPT_FP8_JOIN=0 switches it
+# off for models loaded from then on (a diagnostic switch: same results, more host time)
+JOIN_PROJECTIONS = os.environ.get("SDXLOPT_FP8_JOIN", "1") != "0"
 
 
 def batched_upcast(pairs):
@@ -237,7 +240,8 @@ def attach_upcast_groups(model) -> int:
     groups = []
     scratch = fp8_groups.UpcastScratch(dm, 0, on_disable, batched=batched_upcast if BATCHED_UPCAST else None)
     for block, layers in planned:
-        g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible, _projection_chains(block, layers))
+        chains = _projection_chains(block, layers) if JOIN_PROJECTIONS else []
+        g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible, chains)
         for i, m in enumerate(layers):
             m.__dict__["_fp8_slot"] = (g, i)  # plain dict write: no nn.Module bookkeeping, no epoch bump
         groups.append(g)

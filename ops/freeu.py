@@ -171,13 +171,15 @@ def _lowpass_operators(h: int, w: int, threshold: int, device: torch.device) -> 
 
     The masked part of the (h, w) spectrum is Ay^T (Q - Q') Ax / (h w) with Q = Ay1 x Ax1^T and Q' = Ay2 x Ax2^T
     (the cos/sin rows of _real_basis and their rotation); flattened, that is a rank-r product with
-    V = (Ay1 (x) Ax1 - Ay2 (x) Ax2)^T (h w x r) and U = (Ay1 (x) Ax1) / (h w) (r x h w), r = ky kx rows of
+    V = (Ay1 (x) Ax1 - Ay2 (x) Ax2)^T / (h w) (h w x r) and U = Ay1 (x) Ax1 (r x h w), r = ky kx rows of
     the two bases (16 for threshold 1): two small matmuls and a handful of kernels per call, where the separable form needs ~80 ops."""
     ay, ax = _real_basis(h, threshold, device), _real_basis(w, threshold, device)
     ky, kx = ay.shape[0] // 2, ax.shape[0] // 2
     top = _kron(ay[:ky], ax[:kx])  # (ky kx, h w): the cos/sin rows, also the synthesis rows
-    v = (top - _kron(ay[ky:], ax[kx:])).transpose(0, 1).contiguous()
-    return v, top / (h * w)
+    # the 1 / (h w) goes into the analysis side: x_flat @ V is then a mean over the pixels, bounded by
+    # ~2 max|x|, where a sum over 4096 pixels overflows fp16 (65504) for activations averaging above ~16
+    v = ((top - _kron(ay[ky:], ax[kx:])) / (h * w)).transpose(0, 1).contiguous()
+    return v, top
 
 
 _OPERATORS: dict[tuple[int, int, int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -102,6 +102,20 @@ def test_fourier_filter_half_precision_gemms_are_as_exact_as_fp32(dtype):
             assert bridge.rel_err(out.float(), ref) <= 2 * torch.finfo(dtype).eps, (shape, scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fourier_filter_half_precision_does_not_overflow_on_large_activations(dtype):
+    """Activations averaging ~30 over a 64x64 map: the spectrum's DC term is a sum of ~120k, beyond fp16's
+    65504. The half-precision GEMMs must stay finite and as exact as on unit-scale inputs (a lent H100 gave
+    NaN latents with FreeU in fp16 on random SDXL weights before the normalization moved into the analysis)."""
+    g = torch.Generator().manual_seed(3)
+    for shape in ((2, 640, 64, 64), (2, 1280, 32, 32)):
+        x = torch.randn(shape, generator=g) * 5 + 30
+        ref = diffusers_fourier_filter(x, threshold=1, scale=0.9)
+        out = fourier_filter_matmul(x.to(dtype), 1, 0.9, compute_dtype=dtype)
+        assert torch.isfinite(out).all(), (shape, dtype)
+        assert bridge.rel_err(out.float(), ref) <= 2 * torch.finfo(dtype).eps, shape
+
+
 def test_backbone_scale_v1_is_diffusers_and_v2_the_official_formula():
     h = torch.randn(2, 8, 4, 4)
     ref, _ = diffusers_apply_freeu(0, h.clone(), torch.zeros(1, 1, 2, 2), b1=1.3, b2=1.4, s1=1.0, s2=1.0)

@@ -29,6 +29,9 @@ from .steps import StepClock, step_index
 
 SCHEDULES = ("uniform", "non-uniform")
 NONUNIFORM_POWER_STEP = 0.02  # the paper's search lowers the exponent by this until the count fits
+# shallow-path graphs kept per node (each holds its own memory, ~70 MB at SDXL 1024² batch 2): two cover a
+# CFG cutoff's two batch sizes, or a LoRA switched on and off; anything more re-captures (a few ms)
+GRAPH_LIMIT = 2
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ class DeepCacheState:
         # the shallow path as CUDA graphs (nodes/deepcache.py decides when), shared by the runs of one node:
         # keyed by shapes and weight addresses, so a run reuses what an earlier one captured instead of
         # capturing again and re-allocating the graphs' memory (~30 device allocations per run otherwise)
-        self.graphs = graphs if graphs is not None else StaticGraphs()
+        self.graphs = graphs if graphs is not None else StaticGraphs(limit=GRAPH_LIMIT)
         self.reset()
 
     def clone(self) -> DeepCacheState:

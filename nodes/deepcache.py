@@ -235,10 +235,11 @@ def plain_weights_key(layers, x: torch.Tensor) -> tuple | None:
 def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input: int, first_output: int,
                      t_index: int, call: dict, extra: dict) -> torch.Tensor | None:
     """A shallow call replayed as a CUDA graph (captured on the first such call per shape and weights, kept
-    for later runs of the same node), or None when
-    it does not qualify: CUDA only, no ControlNet, no patches of any kind (their Python would be frozen at
-    capture), no extra UNet arguments, weights plain on the input's device and dtype (not fp8, not offloaded,
-    no low-VRAM LoRA). Replaces the ~1.8 ms of launches of a shallow SDXL call by one graph launch."""
+    for later runs of the same node), or None when it does not qualify: CUDA only, no ControlNet, no patches
+    of any kind (their Python would be frozen at capture), no extra UNet arguments, weights plain on the
+    input's device and dtype (not fp8, not offloaded, no low-VRAM LoRA). Replaces the ~1.8 ms of launches of
+    a shallow SDXL call by one graph launch. The replayed call leaves `transformer_options` as the caller
+    passed it (the eager path writes its block bookkeeping there; nothing reads it after the UNet call)."""
     x, topts = call["x"], call["transformer_options"]
     if GRAPH_MODE == "off" or (GRAPH_MODE == "cuda" and not x.is_cuda):
         return None

@@ -31,6 +31,7 @@ from comfy_api.latest import io
 
 from ..ops.deepcache import SCHEDULES, DeepCacheConfig, DeepCacheState, shallow_plan
 from . import ADVANCED, CATEGORY
+from ._layers import host_casts
 from ._run import per_run_wrapper
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,7 @@ def plain_weights_key(layers, x: torch.Tensor) -> tuple | None:
     offloaded or patched at compute time: the work a CUDA graph can hold), else None."""
     ptrs = []
     for m in layers:
-        if getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None) or \
-                getattr(m, "bias_function", None):
+        if host_casts(m):
             return None
         for t in (*m._parameters.values(), *m._buffers.values()):
             if t is None:

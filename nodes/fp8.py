@@ -25,6 +25,7 @@ from ..ops import fp8 as fp8ops
 from ..ops import fp8_groups
 from ..ops.compiling import is_compiling
 from . import CATEGORY
+from ._layers import host_free
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,6 @@ LORA_MARKERS = ("lora_up", "lora_down", "lora_A.", "lora_B.", ".hada_", ".lokr_"
 # custom_operations: the stock loaders build the UNet with these classes
 # ---------------------------------------------------------------------------------------------------------
 
-def _host_free(layer) -> bool:
-    """The host has nothing to do to this layer's weights at compute time: no weight/bias functions (a LoRA
-    in low-VRAM mode, weight wrappers), no low-VRAM functions and no dynamic-VRAM staging (`_v`). Plain
-    dict lookups: nn.Module's __getattr__ miss path (what hasattr/getattr take here) costs microseconds,
-    and this runs for every layer of every step."""
-    d = layer.__dict__
-    return (not layer.weight_function and not layer.bias_function and d.get("weight_lowvram_function") is None
-            and d.get("bias_lowvram_function") is None and "_v" not in d and "_v" not in layer._parameters
-            and "_v" not in layer._buffers)
-
-
 def _direct_params(layer, device: torch.device, dtype: torch.dtype | None = None) -> tuple | None:
     """(weight, bias) when the layer can compute without comfy.ops' cast helper: both (where present) on
     `device`, also in `dtype` when one is given, and nothing for the host to apply; else None.
@@ -63,7 +53,7 @@ def _direct_params(layer, device: torch.device, dtype: torch.dtype | None = None
     for t in (w, b):
         if t is not None and (t.device != device or (dtype is not None and t.dtype != dtype)):
             return None
-    return (w, b) if _host_free(layer) else None
+    return (w, b) if host_free(layer) else None
 
 
 class Fp8Layer(fp8ops.Fp8WeightStorage):
@@ -121,7 +111,7 @@ class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
         return F.linear(input, wb[0], wb[1])
 
     def forward_comfy_cast_weights(self, input, *args, **kwargs):
-        if self.fp8_fused and fp8ops.fused_applicable(input, self.weight) and _host_free(self):
+        if self.fp8_fused and fp8ops.fused_applicable(input, self.weight) and host_free(self):
             # offloaded: the host brings the fp8 weight to the input's device (offload streams), no upcast
             weight, bias, stream = comfy.ops.cast_bias_weight(self, input, dtype=self.weight.dtype,
                                                               bias_dtype=input.dtype, offloadable=True)

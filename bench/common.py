@@ -264,6 +264,31 @@ class BenchContext:
         return row
 
 
+def alternated_cuda_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 3,
+                          before: Callable[[str], Any] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """(wall, host CPU until return) seconds of each call, the functions alternated round by round (A B C,
+    A B C, ...), the GPU synchronized around each call (micro benchmarks of one forward). `before(name)` runs
+    ahead of each call, outside the timing (switching a shared model into that variant)."""
+    for k, fn in fns.items():
+        for _ in range(warmup):
+            if before is not None:
+                before(k)
+            fn()
+    torch.cuda.synchronize()
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            if before is not None:
+                before(k)
+            torch.cuda.synchronize()
+            w0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            c1 = time.thread_time()
+            torch.cuda.synchronize()
+            times[k].append((time.perf_counter() - w0, c1 - c0))
+    return times
+
+
 def kernel_us(prof) -> float:
     """Total GPU kernel time (us) of a torch.profiler run: the device entries only. With CPU activity on, each
     CPU op also carries its kernels' time as self device time; summing every entry would count kernels twice."""

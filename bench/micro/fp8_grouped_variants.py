@@ -20,7 +20,6 @@ Then a cProfile of fp16 and fp8 grouped forwards: the Python functions whose own
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +68,7 @@ def _fused_attention_forward(orig):
 
 def main() -> None:
     from bench.cases.fp8 import _build, _forward_inputs
-    from bench.common import BenchContext, kernel_count, kernel_us
+    from bench.common import BenchContext, alternated_cuda_times, kernel_count, kernel_us
 
     ctx = BenchContext(small=False, out_dir=None)
     import comfy.model_management as mm
@@ -123,21 +122,9 @@ def main() -> None:
         out = fwd(mode(name)).float()
         print(f"{name}: max |out - other| / max |other| = {float((out - ref).abs().max() / ref.abs().max()):.2e}"
               f" (other: {'fp16' if ref is ref16 else 'fp8 grouped'})")
-    for name in variants:
-        p = mode(name)
-        for _ in range(3):
-            fwd(p)
-    torch.cuda.synchronize()
-    times = {k: [] for k in variants}
-    for _ in range(25):
-        for name in variants:
-            p = mode(name)
-            torch.cuda.synchronize()
-            w0, c0 = time.perf_counter(), time.thread_time()
-            fwd(p)
-            c1 = time.thread_time()
-            torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - w0, c1 - c0))
+    models = {name: mode(name) for name in variants}
+    times = alternated_cuda_times({name: (lambda p=models[name]: fwd(p)) for name in variants}, rounds=25,
+                                  before=mode)
     wall0 = statistics.median(a for a, _ in times["fp16"])
     for k, v in times.items():
         wall = statistics.median(a for a, _ in v)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 if os.environ.get("SDXLOPT_MICRO_ALLOC") == "async":
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
@@ -21,7 +20,7 @@ import torch  # noqa: E402
 
 
 def main() -> None:
-    from bench.common import BenchContext, kernel_count, kernel_us
+    from bench.common import BenchContext, alternated_cuda_times, kernel_count, kernel_us
 
     ctx = BenchContext(small=False, out_dir=None)
     import comfy.model_management as mm
@@ -40,19 +39,7 @@ def main() -> None:
         with torch.inference_mode():
             return p.model.diffusion_model(inp["x"], timesteps=inp["t"], context=inp["context"], y=inp["y"])
 
-    for p in models.values():
-        for _ in range(3):
-            fwd(p)
-    torch.cuda.synchronize()
-    times = {k: [] for k in models}
-    for _ in range(20):
-        for k, p in models.items():
-            torch.cuda.synchronize()
-            w0, c0 = time.perf_counter(), time.thread_time()
-            fwd(p)
-            c1 = time.thread_time()
-            torch.cuda.synchronize()
-            times[k].append((time.perf_counter() - w0, c1 - c0))
+    times = alternated_cuda_times({k: (lambda p=p: fwd(p)) for k, p in models.items()}, rounds=20)
     for k, v in times.items():
         print(f"{k}: wall {1e3 * statistics.median(a for a, _ in v):.2f} ms, host CPU until return "
               f"{1e3 * statistics.median(b for _, b in v):.2f} ms per forward (median of 20, alternated)")

@@ -153,6 +153,19 @@ class BenchContext:
         peak = torch.cuda.max_memory_allocated() / GIB if self.device.type == "cuda" else 0.0
         return Measured(statistics.median(times), peak, result, times)
 
+    def held_gib(self, fn: Callable[[], Any]) -> float:
+        """Peak device memory the allocator holds during one fn() call, cached blocks emptied first (0 on CPU):
+        unlike the allocated peak it counts memory that CUDA graphs keep in their private pools, which is
+        allocated once at capture (before the timed calls) and held from then on."""
+        if self.device.type != "cuda":
+            return 0.0
+        self.sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_reserved() / GIB
+
     def measure_interleaved(self, fns: dict[str, Callable[[], Any]], rounds: int | None = None,
                             warmup: int = 1) -> dict[str, Measured]:
         """Like measure() for several variants, run in rounds (A B C, A B C, ...): eager SDXL on a fast GPU is

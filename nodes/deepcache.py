@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Hashable
 
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+import comfy.model_management as model_management
 import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer, SpatialVideoTransformer
@@ -200,20 +201,35 @@ def _sigma_of(sigmas: torch.Tensor) -> float:
     return float(sigmas.reshape(-1)[0])
 
 
-# shallow calls as CUDA graph replays where they qualify: "cuda"; "plain" runs the same bookkeeping (static
+# UNet calls as CUDA graph replays where they qualify: "cuda"; "plain" runs the same bookkeeping (static
 # buffers, keys) with plain calls, also on the CPU (tests); "off" never
 GRAPH_MODE = "cuda"
-_SHALLOW_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# full calls too (not only shallow ones): the whole UNet forward as one graph launch; switched off for the
+# bench row that shows what the graphs of the full steps add
+FULL_GRAPHS = True
+# a full-call graph keeps about one forward's temporaries for the node's lifetime (measured in
+# bench/results: SDXL 1024² batch 2); captured only where the device has this much free memory first
+FULL_GRAPH_MIN_FREE = 2 * 1024 ** 3
+_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNSEEN = object()
 
 
 def shallow_layers(unet, n_input: int, first_output: int) -> list[torch.nn.Module]:
     """Every module a shallow call runs: time/label embeddings, the first input and last output blocks, out."""
-    per_unet = _SHALLOW_LAYERS.setdefault(unet, {})
+    per_unet = _LAYERS.setdefault(unet, {})
     if (n_input, first_output) not in per_unet:
         parts = [unet.time_embed, getattr(unet, "label_emb", None), *unet.input_blocks[:n_input],
                  *unet.output_blocks[first_output:], unet.out]
         per_unet[n_input, first_output] = [m for part in parts if part is not None for m in part.modules()]
     return per_unet[n_input, first_output]
+
+
+def full_layers(unet) -> list[torch.nn.Module]:
+    """Every module of the UNet (what a full call runs)."""
+    per_unet = _LAYERS.setdefault(unet, {})
+    if "full" not in per_unet:
+        per_unet["full"] = list(unet.modules())
+    return per_unet["full"]
 
 
 def plain_weights_key(layers, x: torch.Tensor) -> tuple | None:
@@ -232,22 +248,60 @@ def plain_weights_key(layers, x: torch.Tensor) -> tuple | None:
     return tuple(ptrs)
 
 
+def _run_weights_key(state: DeepCacheState, tag: Hashable, layers, x: torch.Tensor) -> tuple | None:
+    """plain_weights_key with the per-layer checks done once per run (the host sets casts and offloading when
+    it loads the model, before sampling: ~2 ms of Python for the whole SDXL UNet) and only the addresses
+    read per call (weights replaced during a run, e.g. by hook keyframes, still give a new key)."""
+    memo_key = (tag, x.device, x.dtype)
+    holders = state.memo.get(memo_key, _UNSEEN)
+    if holders is _UNSEEN:
+        holders = None if plain_weights_key(layers, x) is None else [m for m in layers if m._parameters or m._buffers]
+        state.memo[memo_key] = holders
+    if holders is None:
+        return None
+    return tuple(t.data_ptr() for m in holders for t in (*m._parameters.values(), *m._buffers.values())
+                 if t is not None)
+
+
+def _may_graph(state: DeepCacheState, call: dict, extra: dict) -> bool:
+    """A call whose work a capture can hold: CUDA (or the "plain" test mode), no ControlNet, no patches of any
+    kind (their Python would be frozen at capture), no extra UNet arguments, no earlier capture failure."""
+    x, topts = call["x"], call["transformer_options"]
+    if GRAPH_MODE == "off" or (GRAPH_MODE == "cuda" and not x.is_cuda):
+        return False
+    if (extra or call.get("control") is not None or topts.get("patches") or topts.get("patches_replace")
+            or "graph" in state.warned):
+        return False
+    state.graphs.use_graphs = GRAPH_MODE == "cuda"
+    return True
+
+
+def _replay(state: DeepCacheState, fn, inputs: tuple, key: Hashable):
+    """state.graphs(fn, inputs, key), or None after logging once when the device or driver refuses a capture
+    (this run's calls then run eagerly)."""
+    key = (key, torch.is_inference_mode_enabled())  # buffers made in inference mode take no copies outside it
+    try:
+        return state.graphs(fn, inputs, key)
+    except Exception as e:
+        state.warned.add("graph")
+        state.graphs.clear()
+        log.warning("SDXLOpt DeepCache: could not capture a UNet call as a CUDA graph (%s: %s); this run's "
+                    "calls run eagerly (same result, more host time).", type(e).__name__, str(e)[:200])
+        return None
+
+
 def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input: int, first_output: int,
                      t_index: int, call: dict, extra: dict) -> torch.Tensor | None:
     """A shallow call replayed as a CUDA graph (captured on the first such call per shape and weights, kept
-    for later runs of the same node), or None when it does not qualify: CUDA only, no ControlNet, no patches
-    of any kind (their Python would be frozen at capture), no extra UNet arguments, weights plain on the
-    input's device and dtype (not fp8, not offloaded, no low-VRAM LoRA). Replaces the ~1.8 ms of launches of
+    for later runs of the same node), or None when it does not qualify (`_may_graph`; weights plain on the
+    input's device and dtype: not fp8, not offloaded, no low-VRAM LoRA). Replaces the ~1.8 ms of launches of
     a shallow SDXL call by one graph launch. The replayed call leaves `transformer_options` as the caller
     passed it (the eager path writes its block bookkeeping there; nothing reads it after the UNet call)."""
+    if not _may_graph(state, call, extra):
+        return None
     x, topts = call["x"], call["transformer_options"]
-    if GRAPH_MODE == "off" or (GRAPH_MODE == "cuda" and not x.is_cuda):
-        return None
-    if (extra or call.get("control") is not None or topts.get("patches") or topts.get("patches_replace")
-            or "graph" in state.warned):
-        return None
-    state.graphs.use_graphs = GRAPH_MODE == "cuda"
-    key = plain_weights_key(shallow_layers(unet, n_input, first_output), x)
+    key = _run_weights_key(state, ("shallow", id(unet), n_input, first_output),
+                           shallow_layers(unet, n_input, first_output), x)
     if key is None:
         return None
     options = {k: v for k, v in topts.items() if k != KEY}  # the state is per run: not held by the graph
@@ -256,17 +310,45 @@ def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input:
         return shallow_unet_forward(unet, cached, n_input, first_output, t_index, x, timesteps, context, y,
                                     None, dict(options))
 
-    key = (key, torch.is_inference_mode_enabled())  # buffers made in inference mode take no copies outside it
-    try:
-        out = state.graphs(shallow, (x, call.get("timesteps"), call.get("context"), call.get("y"), cached), key)
-        state.graph_replays += 1
-    except Exception as e:  # a capture the device or driver refuses: this run's shallow calls run eagerly
-        state.warned.add("graph")
-        state.graphs.clear()
-        log.warning("SDXLOpt DeepCache: could not capture the shallow path as a CUDA graph (%s: %s); this run's "
-                    "cached steps run eagerly (same result, more host time).", type(e).__name__, str(e)[:200])
+    out = _replay(state, shallow, (x, call.get("timesteps"), call.get("context"), call.get("y"), cached),
+                  ("shallow", key))
+    if out is None:
         return None
+    state.graph_replays += 1
     return out.clone()  # the graph's output buffer is rewritten by the next replay
+
+
+def _graphed_full(state: DeepCacheState, executor, unet, first_output: int, call: dict,
+                  extra: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A full call replayed as a CUDA graph, with the deep features it caches: (output, features), or None when
+    it does not qualify: as `_graphed_shallow`, plus DeepCache's is the innermost UNet wrapper (any wrapper
+    after it would be frozen) and the device has FULL_GRAPH_MIN_FREE free at the first call of the run. The
+    graph runs the host's own forward (the executor) with the feature-copying patch; one launch instead of
+    ~2,000 on SDXL."""
+    if not FULL_GRAPHS or executor.idx + 1 != len(executor.wrappers) or not _may_graph(state, call, extra):
+        return None
+    x, topts = call["x"], call["transformer_options"]
+    if state.graphs.use_graphs:
+        roomy = state.memo.get("full_graph_memory")
+        if roomy is None:
+            roomy = state.memo["full_graph_memory"] = model_management.get_free_memory(x.device) >= FULL_GRAPH_MIN_FREE
+        if not roomy:
+            return None
+    key = _run_weights_key(state, ("full", id(unet)), full_layers(unet), x)
+    if key is None:
+        return None
+    options = {k: v for k, v in topts.items() if k != KEY}
+
+    def full(x, timesteps, context, y):
+        sink = [first_output, None]
+        o = {**options, "patches": {"output_block_patch": [capture_deep_features]}, CAPTURE_KEY: sink}
+        return executor(x, timesteps, context, y, None, o), sink[1]
+
+    outs = _replay(state, full, (x, call.get("timesteps"), call.get("context"), call.get("y")), ("full", key))
+    if outs is None or outs[1] is None:
+        return None
+    state.full_graph_replays += 1
+    return outs[0].clone(), outs[1].clone()  # the graphs' buffers are rewritten by the next replay
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
@@ -305,10 +387,15 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             return forward(unet, cached.to(x.dtype), n_input, first_output, t_index, **call, **extra)
 
     sink = [first_output, None]
-    patches = dict(topts.get("patches", {}))
-    patches["output_block_patch"] = [capture_deep_features, *patches.get("output_block_patch", [])]
-    call["transformer_options"] = {**topts, "patches": patches, CAPTURE_KEY: sink}
-    out = executor(*(call.get(n) for n in ARG_NAMES), **extra)
+    graphed = None if topts.get(COMPILE_KEY) is not None or unknown else \
+        _graphed_full(state, executor, unet, first_output, call, extra)
+    if graphed is not None:
+        out, sink[1] = graphed
+    else:
+        patches = dict(topts.get("patches", {}))
+        patches["output_block_patch"] = [capture_deep_features, *patches.get("output_block_patch", [])]
+        call["transformer_options"] = {**topts, "patches": patches, CAPTURE_KEY: sink}
+        out = executor(*(call.get(n) for n in ARG_NAMES), **extra)
     if sink[1] is not None:
         state.store(keys, x, sink[1])
         compiled = topts.get(COMPILE_KEY)

@@ -2,14 +2,17 @@
 
 Why this file exists: a DeepCache shallow step runs only the UNet's outermost blocks, a few dozen kernels
 whose GPU time is far below the host time it takes to launch them one by one from Python (on a lent H100:
-~1.8 ms of host time inside the UNet call for ~1 ms of GPU work, next to a 55 ms full step). Captured once
-per run and shape, the same kernels cost one graph launch and a few input copies.
+~1.8 ms of host time inside the UNet call for ~1 ms of GPU work, next to a 55 ms full step); a full eager
+SDXL step launches ~2,000 kernels and is host-bound on an H100 as well. Captured once per shape, the same
+kernels cost one graph launch and a few input copies.
 
 `StaticGraphs` keeps up to `limit` graphs of one function, keyed by the shapes, dtypes and devices of its
 tensor inputs plus a caller key (e.g. the addresses of the weights the function reads: a graph reads memory
 by address, so weights replaced at other addresses must give a new key; weights updated in place are read
 as they are at replay). Inputs are copied into the graph's own buffers before each replay; the caller gets
-the graph's output buffer, valid until the next replay (clone it if it must live longer). The function must
+the graph's output (a tensor or a tuple of them), valid until the next replay of any graph of the set: the
+graphs share one memory pool (one forward's temporaries, not one per graph), so a replay may overwrite
+what another graph returned; clone what must live longer. The function must
 be pure tensor work on CUDA with no host synchronisation and no Python decisions that differ between calls
 of the same key: the caller decides what may be captured. A failed capture raises; the caller falls back.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -31,9 +35,9 @@ class StaticGraphs:
         self.entries: OrderedDict[Hashable, tuple] = OrderedDict()
         self.captures = 0
         self.replays = 0
+        self.pool = None  # the memory pool all captures of this set share (created at the first capture)
 
-    def __call__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None],
-                 key: Hashable = ()) -> torch.Tensor:
+    def __call__(self, fn: Callable[..., Any], inputs: Sequence[torch.Tensor | None], key: Hashable = ()) -> Any:
         """fn(*inputs) replayed from the graph captured for this key (captured first if there is none)."""
         full_key = (key, tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in inputs))
         entry = self.entries.get(full_key)
@@ -68,10 +72,13 @@ class StaticGraphs:
             fn(*static_in)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(*static_in)
         self.captures += 1
         return static_in, out, graph
 
     def clear(self) -> None:
         self.entries.clear()
+        self.pool = None

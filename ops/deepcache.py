@@ -29,9 +29,10 @@ from .steps import StepClock, step_index
 
 SCHEDULES = ("uniform", "non-uniform")
 NONUNIFORM_POWER_STEP = 0.02  # the paper's search lowers the exponent by this until the count fits
-# shallow-path graphs kept per node (each holds its own memory, ~70 MB at SDXL 1024² batch 2): two cover a
-# CFG cutoff's two batch sizes, or a LoRA switched on and off; anything more re-captures (a few ms)
-GRAPH_LIMIT = 2
+# CUDA graphs kept per node, full and shallow path (sharing one memory pool: about one full forward's
+# temporaries): four cover a CFG cutoff's two batch sizes on both paths; anything more re-captures (one
+# extra forward or two, once)
+GRAPH_LIMIT = 4
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class DeepCacheState:
 
     def __init__(self, config: DeepCacheConfig, graphs: StaticGraphs | None = None) -> None:
         self.config = config
-        # the shallow path as CUDA graphs (nodes/deepcache.py decides when), shared by the runs of one node:
+        # the full and shallow paths as CUDA graphs (nodes/deepcache.py decides when), shared by the runs of one node:
         # keyed by shapes and weight addresses, so a run reuses what an earlier one captured instead of
         # capturing again and re-allocating the graphs' memory (~30 device allocations per run otherwise)
         self.graphs = graphs if graphs is not None else StaticGraphs(limit=GRAPH_LIMIT)
@@ -166,6 +167,8 @@ class DeepCacheState:
         self.warned: set[str] = set()  # one-per-run warnings already logged by the caller
         self.clock: StepClock | None = None  # the run's step counter (set by nodes/_run.py)
         self.graph_replays = 0  # this run's shallow calls replayed from self.graphs
+        self.full_graph_replays = 0  # this run's full calls replayed from self.graphs
+        self.memo: dict[Hashable, object] = {}  # facts the node works out once per run (which weights are plain)
 
     @property
     def prepared(self) -> bool:
@@ -237,4 +240,6 @@ class DeepCacheState:
                 f"window {cfg.start_percent:g}-{cfg.end_percent:g})")
         if self.graph_replays:
             line += f", {self.graph_replays} of them replayed as a CUDA graph"
+        if self.full_graph_replays:
+            line += f"; {self.full_graph_replays} full calls replayed as a CUDA graph"
         return line + (f"; {self.fallback}" if self.fallback else "")

@@ -86,10 +86,11 @@ def graph_mode(request, monkeypatch):
 
 
 REPLAYED = re.compile(r"took the shallow path \([^)]*\), (\d+) of them replayed as a CUDA graph")
+FULL_REPLAYED = re.compile(r"; (\d+) full calls replayed as a CUDA graph")
 
 
-def replayed(caplog) -> list[int]:
-    return [int(m[1]) if (m := REPLAYED.search(r.getMessage())) else 0
+def replayed(caplog, pattern=REPLAYED) -> list[int]:
+    return [int(m[1]) if (m := pattern.search(r.getMessage())) else 0
             for r in caplog.records if SUMMARY.search(r.getMessage())]
 
 
@@ -569,9 +570,10 @@ def test_fp8_weights_with_deepcache(caplog):
 
 # ---------------------------------------------------------------- the shallow path as a CUDA graph
 
-def test_graphed_shallow_calls_replay_and_match_eager(tiny, caplog, graph_mode, monkeypatch):
-    """Plain model, no patches: every shallow call goes through the graph path (static buffers, one capture
-    per run and shape) and the run's output equals the eager run's exactly."""
+def test_graphed_calls_replay_and_match_eager(tiny, caplog, graph_mode, monkeypatch):
+    """Plain model, no patches: every call, full and shallow, goes through the graph path (static buffers, one
+    capture per path and shape) and the run's output equals the eager run's exactly; the features a graphed
+    full call caches are the ones the eager full call caches."""
     caplog.set_level(logging.INFO)
     out = sample(deepcache(tiny, interval=3), steps=7)
     monkeypatch.setattr(dcn, "GRAPH_MODE", "off")
@@ -580,6 +582,28 @@ def test_graphed_shallow_calls_replay_and_match_eager(tiny, caplog, graph_mode, 
     counts = shallow_counts(caplog)
     assert counts[0] == (4, 7) and counts[1] == (4, 7)
     assert replayed(caplog) == ([4, 0] if graph_mode == "plain" else [0, 0])
+    assert replayed(caplog, FULL_REPLAYED) == ([3, 0] if graph_mode == "plain" else [0, 0])
+
+
+def test_full_graphs_stand_aside_for_inner_wrappers_and_the_switch(tiny, caplog, graph_mode, monkeypatch):
+    """A UNet wrapper after DeepCache's would be frozen by a full-call capture: those full calls run eagerly
+    (the shallow path, which does not call the executor, still replays); FULL_GRAPHS = False keeps every full
+    call eager. Same output either way."""
+    caplog.set_level(logging.INFO)
+    seen = []
+
+    def inner(executor, *args, **kwargs):
+        seen.append(1)
+        return executor(*args, **kwargs)
+
+    m = deepcache(tiny, interval=3)
+    m.add_wrapper_with_key(dcn.WrappersMP.DIFFUSION_MODEL, "zz_inner_test", inner)
+    out = sample(m, steps=7)
+    monkeypatch.setattr(dcn, "FULL_GRAPHS", False)
+    ref = sample(deepcache(tiny, interval=3), steps=7)
+    assert torch.equal(out, ref) and len(seen) == 3, "the inner wrapper ran at every full call (not frozen)"
+    assert replayed(caplog, FULL_REPLAYED) == [0, 0]
+    assert replayed(caplog) == ([4, 4] if graph_mode == "plain" else [0, 0])
 
 
 def test_graph_path_stands_aside_for_patches_control_and_fp8(tiny, caplog, graph_mode):
@@ -625,6 +649,33 @@ def test_plain_weights_key_follows_replaced_weights_and_refuses_cast_layers(tiny
     assert dcn.plain_weights_key(layers, x.half()) is None, "weights in another dtype are cast per call"
 
 
+def test_run_weights_key_checks_layers_once_and_reads_addresses_per_call(tiny):
+    """Per run, the cast/offload checks run at the first call; every call still reads the weights' addresses,
+    so a weight replaced during the run (hook keyframes) gives a new key, and a new run checks again."""
+    import comfy.model_management as mm
+
+    unet = tiny.model.diffusion_model
+    mm.load_models_gpu([tiny])
+    layers = dcn.full_layers(unet)
+    assert len(layers) == len(list(unet.modules()))
+    x = torch.zeros(1, 4, SIZE, SIZE)
+    state = dco.DeepCacheState(dco.DeepCacheConfig())
+    key = dcn._run_weights_key(state, "t", layers, x)
+    assert key == dcn.plain_weights_key(layers, x)
+    conv = unet.out[2]
+    old = conv.weight
+    try:
+        conv.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)
+        assert dcn._run_weights_key(state, "t", layers, x) not in (None, key)
+        conv.weight_function = [lambda w: w]  # set by the host at load time, never during a run
+        assert dcn._run_weights_key(state, "t", layers, x) is not None
+        assert dcn._run_weights_key(state.clone(), "t", layers, x) is None  # the next run checks again
+    finally:
+        conv.weight = old
+        del conv.weight_function
+    assert dcn._run_weights_key(state, "t", layers, x.half()) is None
+
+
 def test_static_graphs_copy_inputs_and_keep_a_bounded_set():
     from sdxl_optimizer.ops.cuda_graphs import StaticGraphs
 
@@ -660,4 +711,4 @@ def test_captured_graphs_are_reused_by_later_runs_of_the_node(tiny, caplog, grap
     sample(m, steps=7, size=(8, 12))
     expected = [4, 4, 4] if graph_mode == "plain" else [0, 0, 0]
     assert replayed(caplog) == expected
-    assert graphs.captures == (captures + 1 if graph_mode == "plain" else 0)
+    assert graphs.captures == (captures + 2 if graph_mode == "plain" else 0)  # full and shallow path

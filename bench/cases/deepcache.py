@@ -1,10 +1,12 @@
 """DeepCache: the same fp16 SDXL run uncached and with SDXLOpt DeepCache (1024x1024, Euler, 50 steps, cfg 5).
 
-Rows: the uncached run (measured here, same seed, the reference for speed and fidelity), then DeepCache at
-interval 3 / branch 0 (the issue's target: <= 1.2 s/image and >= 2.8x on an H100/H200, <= 0.3 GiB extra
+Rows: the uncached run (measured here, same seed, the reference for speed and fidelity), the target setting
+with its full steps eager (only shallow steps replayed as CUDA graphs: what DeepCache alone gives), then
+DeepCache at interval 3 / branch 0 (the issue's target: <= 1.2 s/image and >= 2.8x on an H100/H200, <= 0.3 GiB extra
 peak VRAM), interval 2 / branch 0, interval 3 / branch 0 with the non-uniform schedule, and interval 3 /
 branch 3 (a deeper re-join). Each row: s/image, speedup over the uncached run, peak VRAM and the extra over
-it, the UNet calls that took the shallow path, and the fidelity of the final latent against the uncached
+it (allocated; for the first three rows also the memory the allocator holds, CUDA graph pools included),
+the UNet calls that took the shallow path, and the fidelity of the final latent against the uncached
 run's: max |error| and PSNR (peak = max |reference latent|). The weights are random: fidelity says how far
 the sampling trajectory drifts, not how a picture would look.
 
@@ -70,13 +72,33 @@ def run(ctx: BenchContext) -> None:
     dcn.log.addHandler(summary)
     try:
         # the target row and its reference interleaved (eager drifts run to run; bench/common.py)
+        # plus the same setting with its full steps eager (what the full-call graphs add)
         name0, kw0 = VARIANTS[0]
         dc0 = dcn.apply_deepcache(base, DeepCacheConfig(**kw0))
-        pair = ctx.measure_interleaved({"ref": lambda: ctx.sample(base), "dc": lambda: ctx.sample(dc0)})
+        dc0_eager = dcn.apply_deepcache(base, DeepCacheConfig(**kw0))
+
+        def eager_full():
+            dcn.FULL_GRAPHS = False
+            try:
+                return ctx.sample(dc0_eager)
+            finally:
+                dcn.FULL_GRAPHS = True
+
+        runs = {"ref": lambda: ctx.sample(base), "dc": lambda: ctx.sample(dc0), "dc_eager_full": eager_full}
+        pair = ctx.measure_interleaved(runs)
+        held = {k: ctx.held_gib(fn) for k, fn in runs.items()}
         ref = pair["ref"]
         ctx.add_row("deepcache", f"uncached comfyui {dtype}, cfg {ctx.cfg}", ref, speedup=1.0, extra_vram_gib=0.0,
-                    shallow_calls=f"0/{ctx.steps}", timing="interleaved with the next row",
+                    held_vram_gib=round(held["ref"], 3), extra_held_gib=0.0,
+                    shallow_calls=f"0/{ctx.steps}", timing="interleaved with the next two rows",
                     notes="reference run (same seed) for speed and fidelity")
+        m = pair["dc_eager_full"]
+        ctx.add_row("deepcache", f"DeepCache {name0}, full steps eager, cfg {ctx.cfg}", m,
+                    speedup=round(ref.seconds / m.seconds, 3), extra_vram_gib=round(m.peak_gib - ref.peak_gib, 3),
+                    held_vram_gib=round(held["dc_eager_full"], 3),
+                    extra_held_gib=round(held["dc_eager_full"] - held["ref"], 3), shallow_calls=summary.last,
+                    **fidelity(m.result, ref.result),
+                    notes="FULL_GRAPHS off: only the shallow steps replayed as CUDA graphs")
         for name, kw in VARIANTS:
             try:
                 if name == name0:
@@ -91,6 +113,8 @@ def run(ctx: BenchContext) -> None:
             ctx.add_row("deepcache", f"DeepCache {name}, cfg {ctx.cfg}", m,
                         speedup=round(ref.seconds / m.seconds, 3),
                         extra_vram_gib=round(m.peak_gib - ref.peak_gib, 3),
+                        **({"held_vram_gib": round(held["dc"], 3), "extra_held_gib": round(held["dc"] - held["ref"], 3)}
+                           if name == name0 else {}),
                         shallow_calls=summary.last,
                         **fidelity(m.result, ref.result),
                         notes="fidelity vs the uncached run, random weights")

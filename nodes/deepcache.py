@@ -263,30 +263,32 @@ def _run_weights_key(state: DeepCacheState, tag: Hashable, layers, x: torch.Tens
                  if t is not None)
 
 
-def _may_graph(state: DeepCacheState, call: dict, extra: dict) -> bool:
+def _may_graph(state: DeepCacheState, kind: str, call: dict, extra: dict) -> bool:
     """A call whose work a capture can hold: CUDA (or the "plain" test mode), no ControlNet, no patches of any
-    kind (their Python would be frozen at capture), no extra UNet arguments, no earlier capture failure."""
+    kind (their Python would be frozen at capture), no extra UNet arguments, no capture failure of this kind
+    ("full" or "shallow") in this run."""
     x, topts = call["x"], call["transformer_options"]
     if GRAPH_MODE == "off" or (GRAPH_MODE == "cuda" and not x.is_cuda):
         return False
     if (extra or call.get("control") is not None or topts.get("patches") or topts.get("patches_replace")
-            or "graph" in state.warned):
+            or ("graph", kind) in state.warned):
         return False
     state.graphs.use_graphs = GRAPH_MODE == "cuda"
     return True
 
 
-def _replay(state: DeepCacheState, fn, inputs: tuple, key: Hashable):
+def _replay(state: DeepCacheState, kind: str, fn, inputs: tuple, key: Hashable):
     """state.graphs(fn, inputs, key), or None after logging once when the device or driver refuses a capture
-    (this run's calls then run eagerly)."""
-    key = (key, torch.is_inference_mode_enabled())  # buffers made in inference mode take no copies outside it
+    (this run's calls of that kind then run eagerly; the node's graphs are dropped and captured again)."""
+    key = (kind, key, torch.is_inference_mode_enabled())  # buffers made in inference mode take no copies outside it
     try:
         return state.graphs(fn, inputs, key)
     except Exception as e:
-        state.warned.add("graph")
+        state.warned.add(("graph", kind))
         state.graphs.clear()
-        log.warning("SDXLOpt DeepCache: could not capture a UNet call as a CUDA graph (%s: %s); this run's "
-                    "calls run eagerly (same result, more host time).", type(e).__name__, str(e)[:200])
+        log.warning("SDXLOpt DeepCache: could not capture a %s UNet call as a CUDA graph (%s: %s); this run's "
+                    "%s calls run eagerly (same result, more host time).", kind, type(e).__name__, str(e)[:200],
+                    kind)
         return None
 
 
@@ -297,7 +299,7 @@ def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input:
     input's device and dtype: not fp8, not offloaded, no low-VRAM LoRA). Replaces the ~1.8 ms of launches of
     a shallow SDXL call by one graph launch. The replayed call leaves `transformer_options` as the caller
     passed it (the eager path writes its block bookkeeping there; nothing reads it after the UNet call)."""
-    if not _may_graph(state, call, extra):
+    if not _may_graph(state, "shallow", call, extra):
         return None
     x, topts = call["x"], call["transformer_options"]
     key = _run_weights_key(state, ("shallow", id(unet), n_input, first_output),
@@ -310,8 +312,8 @@ def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input:
         return shallow_unet_forward(unet, cached, n_input, first_output, t_index, x, timesteps, context, y,
                                     None, dict(options))
 
-    out = _replay(state, shallow, (x, call.get("timesteps"), call.get("context"), call.get("y"), cached),
-                  ("shallow", key))
+    out = _replay(state, "shallow", shallow, (x, call.get("timesteps"), call.get("context"), call.get("y"), cached),
+                  key)
     if out is None:
         return None
     state.graph_replays += 1
@@ -325,7 +327,7 @@ def _graphed_full(state: DeepCacheState, executor, unet, first_output: int, call
     after it would be frozen) and the device has FULL_GRAPH_MIN_FREE free at the first call of the run. The
     graph runs the host's own forward (the executor) with the feature-copying patch; one launch instead of
     ~2,000 on SDXL."""
-    if not FULL_GRAPHS or executor.idx + 1 != len(executor.wrappers) or not _may_graph(state, call, extra):
+    if not FULL_GRAPHS or executor.idx + 1 != len(executor.wrappers) or not _may_graph(state, "full", call, extra):
         return None
     x, topts = call["x"], call["transformer_options"]
     if state.graphs.use_graphs:
@@ -344,7 +346,7 @@ def _graphed_full(state: DeepCacheState, executor, unet, first_output: int, call
         o = {**options, "patches": {"output_block_patch": [capture_deep_features]}, CAPTURE_KEY: sink}
         return executor(x, timesteps, context, y, None, o), sink[1]
 
-    outs = _replay(state, full, (x, call.get("timesteps"), call.get("context"), call.get("y")), ("full", key))
+    outs = _replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key)
     if outs is None or outs[1] is None:
         return None
     state.full_graph_replays += 1

@@ -649,6 +649,32 @@ def test_plain_weights_key_follows_replaced_weights_and_refuses_cast_layers(tiny
     assert dcn.plain_weights_key(layers, x.half()) is None, "weights in another dtype are cast per call"
 
 
+def test_a_refused_full_capture_warns_once_and_leaves_the_shallow_graphs(tiny, caplog, graph_mode,
+                                                                         monkeypatch):
+    """A capture the device refuses (here: every full-path capture raises) costs one warning per run; the
+    full calls run eagerly, the shallow ones still replay, and the output is the eager run's."""
+    if graph_mode != "plain":
+        pytest.skip("the graph path runs on CUDA or in the plain test mode only")
+    caplog.set_level(logging.INFO)
+    m = deepcache(tiny, interval=3)
+    graphs = m.model_options["transformer_options"][dcn.KEY].graphs
+    capture = graphs._capture
+
+    def refuse_full(fn, inputs):
+        if len(inputs) == 4:  # the full path's (x, timesteps, context, y); the shallow one adds the features
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return capture(fn, inputs)
+
+    monkeypatch.setattr(graphs, "_capture", refuse_full)
+    out = sample(m, steps=7)
+    monkeypatch.setattr(dcn, "GRAPH_MODE", "off")
+    ref = sample(deepcache(tiny, interval=3), steps=7)
+    assert torch.equal(out, ref)
+    warnings = [r for r in caplog.records if "could not capture a full UNet call" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert replayed(caplog, FULL_REPLAYED) == [0, 0] and replayed(caplog)[0] > 0
+
+
 def test_run_weights_key_checks_layers_once_and_reads_addresses_per_call(tiny):
     """Per run, the cast/offload checks run at the first call; every call still reads the weights' addresses,
     so a weight replaced during the run (hook keyframes) gives a new key, and a new run checks again."""

@@ -192,20 +192,29 @@ class BenchContext:
                     peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() / GIB)
         return {k: Measured(statistics.median(times[k]), peaks[k], results[k], times[k]) for k in fns}
 
-    def step_stamps(self, model, steps: int = 12, seed: int = 0, batch: int = 1) -> list[tuple[float, float]]:
+    def step_stamps(self, model, steps: int = 12, seed: int = 0, batch: int = 1,
+                    sync: bool = False) -> list[tuple[float, float]]:
         """(wall, cpu) of each step after the first, from one run: the time between the sampler's per-step
         callbacks (ComfyUI's), in wall time and in this thread's CPU time. Entry i is step i + 1's cost; the
-        first step, which includes the run's setup, is left out. Under inference mode, as sample()."""
+        first step, which includes the run's setup, is left out. Under inference mode, as sample(). The
+        sampler does not wait for the GPU at each step: where steps queue more GPU work than host work (CUDA
+        graph replays), a step's wall time is only its host time unless `sync` makes each callback wait for
+        the device first (then each step's GPU work is in its own stamp, at one synchronization per step)."""
         import comfy.sample
 
         pos, neg = self.conds(batch)
         latent = comfy.sample.fix_empty_latent_channels(model, self.latent(batch)["samples"])
         noise = comfy.sample.prepare_noise(latent, seed)
         stamps: list[tuple[float, float]] = []
+
+        def stamp(*_):
+            if sync:
+                self.sync()
+            stamps.append((time.perf_counter(), time.thread_time()))
+
         with torch.inference_mode():
             comfy.sample.sample(model, noise, steps, self.cfg, "euler", "normal", pos, neg, latent, seed=seed,
-                                callback=lambda *a: stamps.append((time.perf_counter(), time.thread_time())),
-                                disable_pbar=True)
+                                callback=stamp, disable_pbar=True)
         self.sync()
         return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
 

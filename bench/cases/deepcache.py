@@ -11,7 +11,8 @@ run's: max |error| and PSNR (peak = max |reference latent|). The weights are ran
 the sampling trajectory drifts, not how a picture would look.
 
 A "per step" row splits the target setting's cost: the wall and CPU time of its full and its shallow steps
-and of the uncached run's steps (sampler callback stamps of alternated whole runs), the shallow step as a
+and of the uncached run's steps (sampler callback stamps of alternated whole runs, the GPU synchronized at
+each stamp: graphed steps queue their work without waiting for it), the shallow step as a
 share of a full one, and the speed-up those per-step costs give without the per-run fixed costs, next to the
 ceiling of the schedule (all steps / full steps: what free shallow steps would give).
 """
@@ -133,8 +134,8 @@ def per_step_row(ctx: BenchContext, base, model, config, name: str, rounds: int 
     full = set(uniform_full_steps(ctx.steps, config.interval))
     ref, dc_full, dc_shallow = [], [], []
     for _ in range(1 if ctx.small else rounds):
-        ref += ctx.step_stamps(base, steps=ctx.steps)
-        for i, p in enumerate(ctx.step_stamps(model, steps=ctx.steps)):
+        ref += ctx.step_stamps(base, steps=ctx.steps, sync=True)
+        for i, p in enumerate(ctx.step_stamps(model, steps=ctx.steps, sync=True)):
             (dc_full if i + 1 in full else dc_shallow).append(p)  # entry i is step i + 1
     if not dc_full or not dc_shallow:
         return
@@ -151,4 +152,4 @@ def per_step_row(ctx: BenchContext, base, model, config, name: str, rounds: int 
                 steady_speedup=round(ctx.steps * ref_ms / (n_full * full_ms + (ctx.steps - n_full) * shallow_ms), 3),
                 ceiling_speedup=round(ctx.steps / n_full, 3),
                 timing=f"medians over {1 if ctx.small else rounds} alternated {ctx.steps}-step runs per model "
-                       f"(sampler callback stamps; {n_full} full steps per run)")
+                       f"(sampler callback stamps, the GPU synchronized at each; {n_full} full steps per run)")

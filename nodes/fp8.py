@@ -174,9 +174,6 @@ GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
 # not faster in two interleaved runs (1.109x vs 1.068x stock fp16 per step with the per-weight copies;
 # bench/results/gpu_fp8_kernel_h100_b.md), the step being bound by the host
 BATCHED_UPCAST = False
-# each block's upcast replayed on a side stream while the block before it computes, into a second scratch
-# buffer (ops/fp8_groups.py, "Prefetch"); SDXLOPT_FP8_PREFETCH=0 switches it off for models loaded from then on
-PREFETCH_UPCAST = os.environ.get("SDXLOPT_FP8_PREFETCH", "1") != "0"
 # attention projections of one input as one matmul (see _projection_chains); SDXLOPT_FP8_JOIN=0 switches it
 # off for models loaded from then on (a diagnostic switch: same results, more host time)
 JOIN_PROJECTIONS = os.environ.get("SDXLOPT_FP8_JOIN", "1") != "0"
@@ -231,11 +228,10 @@ def attach_upcast_groups(model) -> int:
                     "weight (same result, more host time per step).", why)
 
     groups = []
-    scratch = fp8_groups.UpcastScratch(dm, 0, on_disable, batched=batched_upcast if BATCHED_UPCAST else None,
-                                       prefetch=PREFETCH_UPCAST)
-    for i, (block, layers) in enumerate(planned):
+    scratch = fp8_groups.UpcastScratch(dm, 0, on_disable, batched=batched_upcast if BATCHED_UPCAST else None)
+    for block, layers in planned:
         chains = _projection_chains(block, layers) if JOIN_PROJECTIONS else []
-        g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible, chains, slot=i % 2)
+        g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible, chains)
         for i, m in enumerate(layers):
             m.__dict__["_fp8_slot"] = (g, i)  # plain dict write: no nn.Module bookkeeping, no epoch bump
         groups.append(g)
@@ -251,10 +247,8 @@ def _groups_text(model) -> str:
     groups = model.model.diffusion_model.__dict__.get(GROUPS_ATTR)
     if not groups or comfy.model_management.get_torch_device().type != "cuda":
         return ""
-    scratch = groups[0].scratch
     return (f"; other upcasts grouped: one CUDA graph replay per block ({len(groups)} blocks, "
-            f"{scratch.capacity * 2 * len(scratch.names) / 1e6:.0f} MB scratch"
-            f"{', the next block prefetched on a side stream' if scratch.prefetch else ''})")
+            f"{groups[0].scratch.capacity * 2 / 1e6:.0f} MB scratch)")
 
 
 _OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}

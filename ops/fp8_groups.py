@@ -40,17 +40,6 @@ what any layer returns. Three matmul launches fewer per SDXL transformer block: 
 1024x1024 eager forward took 62.4 ms grouped, 59.6 ms grouped and joined (stock fp16: 58.0 ms;
 bench/results/micro_fp8_grouped_variants_h100.txt).
 
-Prefetch: with `prefetch` on, the scratch holds two buffers and groups alternate between them (`slot`, in
-block order). Each group learns which group ran after it in the last forward (`successor`); when a group
-becomes live, the successor's upcast is replayed on a side stream into the other buffer, ordered after
-the main stream's last use of that buffer (an event), so the upcast's memory traffic overlaps the block's
-matmuls instead of sitting between blocks. The successor's first layer makes the main stream wait for that
-upcast instead of replaying it. A wrong guess (DeepCache's shallow calls, a patch that skips a block) only
-costs a wasted upcast: a group whose buffer holds or is receiving another group's weights waits for that
-write and upcasts itself. Prefetches never outlive a forward (the weights may change in place between
-forwards): the forward's end waits for any still in flight and forgets them. Costs one more scratch
-buffer (~70 MB for SDXL).
-
 Torch only; the ComfyUI side (which layers, hooks on which blocks) is nodes/fp8.py.
 """
 from __future__ import annotations
@@ -104,42 +93,6 @@ def _aligned(n: int) -> int:
 BUFFER_NAME = "_sdxlopt_fp8_upcast_scratch"
 
 
-class CudaStreams:
-    """The side stream and events of prefetching, on one CUDA device. Tests pass a look-alike that defers the
-    side work until the main stream waits for it (tests/test_fp8_groups.py), so a missing wait shows."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.side = torch.cuda.Stream(device)
-
-    def event(self):
-        return torch.cuda.Event()
-
-    def run_on_side(self, fn: Callable[[], None], freed, ready) -> None:
-        """fn() on the side stream after everything queued on the main stream so far (recorded in `freed`);
-        `ready` is recorded after it."""
-        main = torch.cuda.current_stream(self.device)
-        freed.record(main)
-        self.side.wait_event(freed)
-        with torch.cuda.stream(self.side):
-            fn()
-        ready.record(self.side)
-
-    def main_after(self, ready) -> None:
-        """The main stream's next work starts after the side work that recorded `ready` last."""
-        torch.cuda.current_stream(self.device).wait_event(ready)
-
-
-class _Slot:
-    """One scratch buffer's prefetch state within a forward."""
-
-    def __init__(self, streams) -> None:
-        self.owner: UpcastGroup | None = None  # the group whose weights a side-stream upcast writes there
-        self.pending = False  # that upcast may still be running: the main stream must wait for `ready`
-        self.freed = streams.event()  # main stream: done with the buffer (recorded before a prefetch)
-        self.ready = streams.event()  # side stream: the prefetched upcast is written
-
-
 class UpcastScratch:
     """The buffer every group of one model writes into, and which group's views it holds now (`live`).
 
@@ -148,24 +101,13 @@ class UpcastScratch:
     with it instead of leaving it on the GPU; a moved buffer has a new address, so every group re-captures."""
 
     def __init__(self, root: torch.nn.Module, capacity: int, on_disable: Callable[[str], None] | None = None,
-                 use_graphs: bool = True, batched: Callable | None = None, prefetch: bool = False,
-                 streams: Callable[[torch.device], object] = CudaStreams) -> None:
+                 use_graphs: bool = True, batched: Callable | None = None) -> None:
         self.capacity = capacity  # elements
         # batched(pairs of (fp8 weight, scratch view)) -> a zero-argument launch doing all of a group's upcasts
         # in one kernel, or None where it cannot; captured into the group's graph instead of one copy per weight
         self.batched = batched
         self.root = root
-        # prefetch: two buffers, the next group upcast on a side stream (module docstring); needs graphs or a
-        # test's look-alike streams
-        self.prefetch = prefetch
-        self.names = (BUFFER_NAME, BUFFER_NAME + "_1") if prefetch else (BUFFER_NAME,)
-        for name in self.names:
-            self.root.register_buffer(name, None, persistent=False)
-        self.make_streams = streams
-        self.streams = None  # made at the first prefetch (needs the device)
-        self.slots: list[_Slot] = []
-        self.prefetches = 0  # upcasts started on the side stream
-        self.hits = 0  # groups that found their weights prefetched
+        self.root.register_buffer(BUFFER_NAME, None, persistent=False)
         self.live: UpcastGroup | None = None
         self.disabled: str | None = None
         self.on_disable = on_disable
@@ -183,16 +125,7 @@ class UpcastScratch:
         if self.live is not None:
             self.live.deactivate()
             self.live = None
-        self.settle()
         self.in_forward = in_forward
-
-    def settle(self) -> None:
-        """The main stream waits for any prefetch still in flight, which is then forgotten (its weights may be
-        updated in place before the next forward)."""
-        for s in self.slots:
-            if s.pending:
-                self.streams.main_after(s.ready)
-            s.owner, s.pending = None, False
 
     @property
     def buffer(self) -> torch.Tensor | None:
@@ -200,52 +133,15 @@ class UpcastScratch:
 
     @buffer.setter
     def buffer(self, value: torch.Tensor | None) -> None:
-        for name in self.names:
-            self.root._buffers[name] = value
+        self.root._buffers[BUFFER_NAME] = value
 
-    def get(self, device: torch.device, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
-        name = self.names[slot % len(self.names)]
-        b = self.root._buffers.get(name)
+    def get(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        b = self.buffer
         if b is None or b.device != device or b.dtype != dtype or b.numel() < self.capacity:
-            self.root._buffers[name] = None  # free the old one first
+            self.buffer = None  # free the old one first
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor: writable in and out of it
-                self.root._buffers[name] = b = torch.empty(self.capacity, device=device, dtype=dtype)
-        return b
-
-    def slot_of(self, group: UpcastGroup) -> int:
-        return group.slot % len(self.names)
-
-    def claim(self, group: UpcastGroup) -> bool:
-        """Before `group` becomes live: True when a prefetch already brings its weights (the main stream now
-        waits for it); else False (the caller upcasts), after ordering the main stream behind any side-stream
-        write still landing in the group's buffer."""
-        if not self.slots:
-            return False
-        s = self.slots[self.slot_of(group)]
-        if s.pending:
-            self.streams.main_after(s.ready)
-            s.pending = False
-            if s.owner is group:
-                self.hits += 1
-                return True
-        s.owner = group
-        return False
-
-    def prefetch_after(self, group: UpcastGroup, x: torch.Tensor) -> None:
-        """`group` just became live on x: start its successor's upcast on the side stream, in the other
-        buffer, where the successor is ready to replay for x (captured for its current weights)."""
-        nxt = group.successor
-        if nxt is None or self.slot_of(nxt) == self.slot_of(group) or not nxt.ready_for(x):
-            return
-        if self.streams is None:
-            self.streams = self.make_streams(x.device)
-            self.slots = [_Slot(self.streams) for _ in self.names]
-        s = self.slots[self.slot_of(nxt)]
-        if s.pending and s.owner is nxt:
-            return
-        self.streams.run_on_side(nxt.upcast, s.freed, s.ready)  # after the main stream's last read of the buffer
-        s.owner, s.pending = nxt, True
-        self.prefetches += 1
+                self.buffer = torch.empty(self.capacity, device=device, dtype=dtype)
+        return self.buffer
 
     def accepts(self, device: torch.device) -> bool:
         """CUDA graphs need a CUDA device; elsewhere each layer upcasts itself (no launch overhead to save)."""
@@ -259,7 +155,6 @@ class UpcastScratch:
         if self.live is not None:
             self.live.deactivate()
             self.live = None
-        self.settle()
         self.buffer = None
 
 
@@ -268,10 +163,8 @@ class UpcastGroup:
 
     def __init__(self, layers: Iterable[torch.nn.Module], scratch: UpcastScratch,
                  eligible: Callable[[torch.nn.Module, torch.device], bool],
-                 chains: Iterable[tuple[int, ...]] = (), slot: int = 0) -> None:
+                 chains: Iterable[tuple[int, ...]] = ()) -> None:
         self.layers = list(layers)
-        self.slot = slot  # which scratch buffer (alternating in block order where the scratch prefetches)
-        self.successor: UpcastGroup | None = None  # the group that became live after this one, last time
         self.params = [m._parameters for m in self.layers]  # read per replay: the weights' current addresses
         self.chains = {c[0]: tuple(c) for c in chains if len(c) > 1}  # lead index -> member indices
         self.chains_off: set[int] = set()  # leads of chains switched off (followers took other inputs)
@@ -351,56 +244,35 @@ class UpcastGroup:
         return [lead for lead, chain in self.chains.items() if any(i in chain for i in followers)]
 
     def activate(self, x) -> None:
-        """Upcast the eligible members' weights into the scratch for a block call on `x` (one graph replay,
-        or a wait for the prefetch that brings them), and prefetch the group expected next."""
+        """Upcast the eligible members' weights into the scratch for a block call on `x` (one graph replay)."""
         scratch = self.scratch
-        before = scratch.live
-        if before is not None:
-            before.deactivate()
+        if scratch.live is not None:
+            scratch.live.deactivate()
             scratch.live = None
-        key = self._key_for(x)
-        if key is None or (key != self.key and not self._build(scratch.get(x.device, x.dtype, self.slot), key)):
-            return
-        if not scratch.claim(self):
-            self.upcast()
-        self.replays += 1
-        self.live = True
-        scratch.live = self
-        if before is not None and before is not self:
-            before.successor = self
-        if scratch.prefetch:
-            scratch.prefetch_after(self, x)
-
-    def _key_for(self, x) -> tuple | None:
-        """What the views and graph must have been made for to serve a call on x (scratch buffer, dtype,
-        weight addresses), or None when no member takes part."""
-        scratch = self.scratch
         if scratch.disabled or not torch.is_tensor(x) or not x.is_floating_point():
-            return None
+            return
         if not scratch.accepts(x.device):
-            return None
+            return
         device, dtype = x.device, x.dtype
         if self.mask_for != (_EPOCH[0], device):
             self.mask = tuple(bool(self.eligible(m, device)) for m in self.layers)
             self.mask_for = (_EPOCH[0], device)
         if not any(self.mask):
-            return None
-        buffer = scratch.get(device, dtype, self.slot)
+            return
+        buffer = scratch.get(device, dtype)
         ptrs = tuple([p["weight"].data_ptr() if ok else 0 for p, ok in zip(self.params, self.mask)])
-        return (buffer.data_ptr(), dtype, ptrs)
-
-    def ready_for(self, x) -> bool:
-        """Built for a call on x as things stand (a prefetch may replay it now)."""
-        return self.key is not None and self._key_for(x) == self.key
-
-    def upcast(self) -> None:
-        """Write the members' weights into their views, on the current stream."""
+        key = (buffer.data_ptr(), dtype, ptrs)
+        if key != self.key and not self._build(buffer, key):
+            return
         if self.graph is not None:
             self.graph.replay()
         else:  # no graphs (tests): the same copies, one by one
             for v, m in zip(self.views, self.layers):
                 if v is not None:
                     v.copy_(m._parameters["weight"])
+        self.replays += 1
+        self.live = True
+        scratch.live = self
 
     def _build(self, buffer: torch.Tensor, key: tuple) -> bool:
         self.key, self.graph = None, None

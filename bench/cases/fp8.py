@@ -6,12 +6,10 @@ Rows (full mode: SDXL with random weights, 1024x1024, Euler, 50 steps, cfg 5, on
                                     what UNETLoader's weight_dtype=fp8_e4m3fn does (every weight fp8, manual cast)
   ours e4m3fn, per-layer upcast     our custom_operations, fused matmul off, no grouped upcast
   ours e4m3fn, grouped upcast       the same plus the loaders' grouped upcast (one CUDA graph replay per block
-                                    holding one torch copy per weight, ops/fp8_groups.py, joined attention
-                                    projections, the next block's upcast prefetched on a side stream into a
-                                    second scratch buffer): what the SDXLOpt FP8 loaders give by default
-  ours e4m3fn, grouped, no prefetch the same with each block's upcast replayed in turn (one scratch buffer;
-                                    SDXLOPT_FP8_PREFETCH=0). The one-kernel upcast (BATCHED_UPCAST, off by
-                                    default) has no row since session 6: bench/results/gpu_fp8_kernel_h100_b.md
+                                    holding one torch copy per weight, ops/fp8_groups.py, and joined attention
+                                    projections): what the SDXLOpt FP8 loaders give by default
+  ours e4m3fn, grouped, one kernel  the same with one Triton multi-tensor upcast kernel in each block's graph
+                                    (nodes/fp8.py BATCHED_UPCAST, off by default)
   ours e4m3fn, fused Triton matmul  our custom_operations with the fused weight-only fp8 kernel (Ada/Hopper)
   ours e5m2, ...                    the same for float8_e5m2 (fused where available, else per-call upcast)
 Columns: s_per_image (median over interleaved rounds after one warm-up run, which also autotunes the fused
@@ -141,12 +139,10 @@ def run(ctx: BenchContext) -> None:
         if short == "e4m3fn":
             variants.append((f"ours {short}, grouped upcast", {"custom_operations": fp8_operations(
                 upcast.storage_dtype, False), "grouped": True},
-                upcast.describe() + ", grouped upcast: one CUDA graph replay per block (one copy per weight), "
-                "the next block's prefetched on a side stream", True))
-            variants.append((f"ours {short}, grouped, no prefetch", {"custom_operations": fp8_operations(
-                upcast.storage_dtype, False), "grouped": "no prefetch"},
-                upcast.describe() + ", grouped upcast: one CUDA graph replay per block (one copy per weight), "
-                "each block's in turn", True))
+                upcast.describe() + ", grouped upcast: one CUDA graph replay per block (one copy per weight)", True))
+            variants.append((f"ours {short}, grouped, one kernel", {"custom_operations": fp8_operations(
+                upcast.storage_dtype, False), "grouped": "kernel"},
+                upcast.describe() + ", grouped upcast: one CUDA graph replay per block (one Triton kernel)", True))
         if fused.fused:
             variants.append((f"ours {short}, fused Triton matmul", {"custom_operations": fp8_operations(
                 fused.storage_dtype, True), "grouped": True}, fused.describe(), short == "e4m3fn"))
@@ -162,12 +158,12 @@ def run(ctx: BenchContext) -> None:
             grouped = options.pop("grouped", False)
             model = _build(ctx, sd, options)
             if grouped:  # as the loaders do (on the fused rows it groups the convs)
-                default = nfp8.PREFETCH_UPCAST
-                nfp8.PREFETCH_UPCAST = grouped != "no prefetch"
+                default = nfp8.BATCHED_UPCAST
+                nfp8.BATCHED_UPCAST = grouped == "kernel"
                 try:
                     attach_upcast_groups(model)
                 finally:
-                    nfp8.PREFETCH_UPCAST = default
+                    nfp8.BATCHED_UPCAST = default
             err = _rel_err(_forward(model, inp), ref)
             extras[name] = {"rel_err": round(err, 5), "weights_gib": _weights_gib(model), "path": path}
             if timed:

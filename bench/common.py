@@ -218,12 +218,13 @@ class BenchContext:
         self.sync()
         return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
 
-    def step_period(self, model, steps: int = 12, seed: int = 0, batch: int = 1) -> tuple[float, float]:
+    def step_period(self, model, steps: int = 12, seed: int = 0, batch: int = 1,
+                    sync: bool = False) -> tuple[float, float]:
         """(wall, cpu): median seconds per sampler step of one run (step_stamps). Wall is the steady-state
         cost of a step, free of the per-run fixed costs that whole-image times include; CPU time is what an
         eager, launch-bound step is made of, and it does not count the time a loaded host spends running
-        someone else."""
-        pairs = self.step_stamps(model, steps, seed, batch)
+        someone else. `sync`: see step_stamps (needed where a model replays CUDA graphs)."""
+        pairs = self.step_stamps(model, steps, seed, batch, sync=sync)
         return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
     def kernel_ms_per_step(self, model, steps: int = 6) -> float | None:
@@ -240,20 +241,20 @@ class BenchContext:
         return total_us / 1000 / steps if total_us > 0 else None
 
     def step_ratio_interleaved(self, models: dict[str, Any], reference: str, rounds: int | None = None,
-                               steps: int = 12) -> dict[str, dict]:
+                               steps: int = 12, sync: bool = False) -> dict[str, dict]:
         """Per-step cost of each model against `reference`, from many short runs alternated model by model
         (A B C, A B C, ...). Eager timings drift between minutes by more than a few-percent difference; short
         alternated runs and the median of the per-round ratios cancel most of that drift. Returns, per model:
         step_s / cpu_s (median step period, wall and CPU), ratio / cpu_ratio (median over rounds of the
         model's period / the reference's in the same round) and rounds (default SDXLOPT_BENCH_STEP_ROUNDS or
-        30; 1 with --small)."""
+        30; 1 with --small). `sync`: the GPU synchronized at each step (see step_stamps)."""
         rounds = 1 if self.small else rounds or STEP_ROUNDS
         periods: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
         for m in models.values():  # warm-up: kernels, autotuning, model loads
-            self.step_period(m, steps=3)
+            self.step_period(m, steps=3, sync=sync)
         for _ in range(rounds):
             for k, m in models.items():
-                periods[k].append(self.step_period(m, steps=3 if self.small else steps))
+                periods[k].append(self.step_period(m, steps=3 if self.small else steps, sync=sync))
         ref = periods[reference]
         out = {}
         for k, v in periods.items():

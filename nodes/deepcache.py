@@ -24,7 +24,6 @@ import weakref
 from collections.abc import Hashable
 
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-import comfy.model_management as model_management
 import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer, SpatialVideoTransformer
@@ -32,14 +31,13 @@ from comfy_api.latest import io
 
 from ..ops.deepcache import SCHEDULES, DeepCacheConfig, DeepCacheState, shallow_plan
 from . import ADVANCED, CATEGORY
-from ._layers import host_casts
 from ._run import per_run_wrapper
+from ._unet_graph import ARG_NAMES, bind_unet_args, full_layers, may_graph, replay, roomy, run_weights_key
 
 log = logging.getLogger(__name__)
 
 KEY = "sdxlopt_deepcache"  # wrapper key and transformer_options entry holding the DeepCacheState
 WrappersMP = comfy.patcher_extension.WrappersMP
-ARG_NAMES = ("x", "timesteps", "context", "y", "control", "transformer_options")  # UNetModel.forward's order
 
 # transformer_options["patches"] keys the shallow path honours: read by UNetModel._forward (mirrored below)
 # or inside the blocks it runs through the host's own code
@@ -166,20 +164,6 @@ def capture_deep_features(h, hsp, transformer_options):
     return h, hsp
 
 
-def bind_unet_args(args: tuple, kwargs: dict) -> tuple[dict, dict] | None:
-    """UNetModel.forward's arguments by name, plus the extra ones; None for a call shape we do not know."""
-    if len(args) > len(ARG_NAMES):
-        return None
-    bound = dict(zip(ARG_NAMES, args))
-    rest = dict(kwargs)
-    for name in ARG_NAMES:
-        if name in rest:
-            bound[name] = rest.pop(name)
-    if not isinstance(bound.get("transformer_options"), dict) or not torch.is_tensor(bound.get("x")):
-        return None
-    return bound, rest
-
-
 def chunk_keys(transformer_options: dict, batch: int) -> list[Hashable]:
     """One key per conditioning chunk of the batch: ComfyUI's cond uuids, or the whole batch as one."""
     uuids = transformer_options.get("uuids")
@@ -201,22 +185,15 @@ def _sigma_of(sigmas: torch.Tensor) -> float:
     return float(sigmas.reshape(-1)[0])
 
 
-# UNet calls as CUDA graph replays where they qualify: "cuda"; "plain" runs the same bookkeeping (static
-# buffers, keys) with plain calls, also on the CPU (tests); "off" never
-GRAPH_MODE = "cuda"
 # full calls too (not only shallow ones): the whole UNet forward as one graph launch; switched off for the
 # bench row that shows what the graphs of the full steps add
 FULL_GRAPHS = True
-# a full-call graph keeps about one forward's temporaries for the node's lifetime (measured in
-# bench/results: SDXL 1024² batch 2); captured only where the device has this much free memory first
-FULL_GRAPH_MIN_FREE = 2 * 1024 ** 3
-_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_UNSEEN = object()
+_SHALLOW_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def shallow_layers(unet, n_input: int, first_output: int) -> list[torch.nn.Module]:
     """Every module a shallow call runs: time/label embeddings, the first input and last output blocks, out."""
-    per_unet = _LAYERS.setdefault(unet, {})
+    per_unet = _SHALLOW_LAYERS.setdefault(unet, {})
     if (n_input, first_output) not in per_unet:
         parts = [unet.time_embed, getattr(unet, "label_emb", None), *unet.input_blocks[:n_input],
                  *unet.output_blocks[first_output:], unet.out]
@@ -224,86 +201,18 @@ def shallow_layers(unet, n_input: int, first_output: int) -> list[torch.nn.Modul
     return per_unet[n_input, first_output]
 
 
-def full_layers(unet) -> list[torch.nn.Module]:
-    """Every module of the UNet (what a full call runs)."""
-    per_unet = _LAYERS.setdefault(unet, {})
-    if "full" not in per_unet:
-        per_unet["full"] = list(unet.modules())
-    return per_unet["full"]
-
-
-def plain_weights_key(layers, x: torch.Tensor) -> tuple | None:
-    """The addresses of the layers' weights when each computes plainly on x's device and dtype (nothing cast,
-    offloaded or patched at compute time: the work a CUDA graph can hold), else None."""
-    ptrs = []
-    for m in layers:
-        if host_casts(m):
-            return None
-        for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is None:
-                continue
-            if t.device != x.device or (t.is_floating_point() and t.dtype != x.dtype):
-                return None
-            ptrs.append(t.data_ptr())
-    return tuple(ptrs)
-
-
-def _run_weights_key(state: DeepCacheState, tag: Hashable, layers, x: torch.Tensor) -> tuple | None:
-    """plain_weights_key with the per-layer checks done once per run (the host sets casts and offloading when
-    it loads the model, before sampling: ~2 ms of Python for the whole SDXL UNet) and only the addresses
-    read per call (weights replaced during a run, e.g. by hook keyframes, still give a new key)."""
-    memo_key = (tag, x.device, x.dtype)
-    holders = state.memo.get(memo_key, _UNSEEN)
-    if holders is _UNSEEN:
-        holders = None if plain_weights_key(layers, x) is None else [m for m in layers if m._parameters or m._buffers]
-        state.memo[memo_key] = holders
-    if holders is None:
-        return None
-    return tuple(t.data_ptr() for m in holders for t in (*m._parameters.values(), *m._buffers.values())
-                 if t is not None)
-
-
-def _may_graph(state: DeepCacheState, kind: str, call: dict, extra: dict) -> bool:
-    """A call whose work a capture can hold: CUDA (or the "plain" test mode), no ControlNet, no patches of any
-    kind (their Python would be frozen at capture), no extra UNet arguments, no capture failure of this kind
-    ("full" or "shallow") in this run."""
-    x, topts = call["x"], call["transformer_options"]
-    if GRAPH_MODE == "off" or (GRAPH_MODE == "cuda" and not x.is_cuda):
-        return False
-    if (extra or call.get("control") is not None or topts.get("patches") or topts.get("patches_replace")
-            or ("graph", kind) in state.warned):
-        return False
-    state.graphs.use_graphs = GRAPH_MODE == "cuda"
-    return True
-
-
-def _replay(state: DeepCacheState, kind: str, fn, inputs: tuple, key: Hashable):
-    """state.graphs(fn, inputs, key), or None after logging once when the device or driver refuses a capture
-    (this run's calls of that kind then run eagerly; the node's graphs are dropped and captured again)."""
-    key = (kind, key, torch.is_inference_mode_enabled())  # buffers made in inference mode take no copies outside it
-    try:
-        return state.graphs(fn, inputs, key)
-    except Exception as e:
-        state.warned.add(("graph", kind))
-        state.graphs.clear()
-        log.warning("SDXLOpt DeepCache: could not capture a %s UNet call as a CUDA graph (%s: %s); this run's "
-                    "%s calls run eagerly (same result, more host time).", kind, type(e).__name__, str(e)[:200],
-                    kind)
-        return None
-
-
 def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input: int, first_output: int,
                      t_index: int, call: dict, extra: dict) -> torch.Tensor | None:
     """A shallow call replayed as a CUDA graph (captured on the first such call per shape and weights, kept
-    for later runs of the same node), or None when it does not qualify (`_may_graph`; weights plain on the
-    input's device and dtype: not fp8, not offloaded, no low-VRAM LoRA). Replaces the ~1.8 ms of launches of
+    for later runs of the same node), or None when it does not qualify (nodes/_unet_graph.py: no patches or
+    ControlNet, weights resident with nothing for the host to do). Replaces the ~1.8 ms of launches of
     a shallow SDXL call by one graph launch. The replayed call leaves `transformer_options` as the caller
     passed it (the eager path writes its block bookkeeping there; nothing reads it after the UNet call)."""
-    if not _may_graph(state, "shallow", call, extra):
+    if not may_graph(state, "shallow", call, extra):
         return None
     x, topts = call["x"], call["transformer_options"]
-    key = _run_weights_key(state, ("shallow", id(unet), n_input, first_output),
-                           shallow_layers(unet, n_input, first_output), x)
+    key = run_weights_key(state, ("shallow", id(unet), n_input, first_output),
+                          shallow_layers(unet, n_input, first_output), x)
     if key is None:
         return None
     options = {k: v for k, v in topts.items() if k != KEY}  # the state is per run: not held by the graph
@@ -312,8 +221,8 @@ def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input:
         return shallow_unet_forward(unet, cached, n_input, first_output, t_index, x, timesteps, context, y,
                                     None, dict(options))
 
-    out = _replay(state, "shallow", shallow, (x, call.get("timesteps"), call.get("context"), call.get("y"), cached),
-                  key)
+    out = replay(state, "shallow", shallow, (x, call.get("timesteps"), call.get("context"), call.get("y"), cached),
+                 key, log, "SDXLOpt DeepCache")
     if out is None:
         return None
     state.graph_replays += 1
@@ -324,19 +233,13 @@ def _graphed_full(state: DeepCacheState, executor, unet, first_output: int, call
                   extra: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A full call replayed as a CUDA graph, with the deep features it caches: (output, features), or None when
     it does not qualify: as `_graphed_shallow`, plus DeepCache's is the innermost UNet wrapper (any wrapper
-    after it would be frozen) and the device has FULL_GRAPH_MIN_FREE free at the first call of the run. The
+    after it would be frozen) and the device has FREE_MEMORY_MIN free at the first call of the run. The
     graph runs the host's own forward (the executor) with the feature-copying patch; one launch instead of
     ~2,000 on SDXL."""
-    if not FULL_GRAPHS or executor.idx + 1 != len(executor.wrappers) or not _may_graph(state, "full", call, extra):
+    if not FULL_GRAPHS or not may_graph(state, "full", call, extra, executor) or not roomy(state, call["x"]):
         return None
     x, topts = call["x"], call["transformer_options"]
-    if state.graphs.use_graphs:
-        roomy = state.memo.get("full_graph_memory")
-        if roomy is None:
-            roomy = state.memo["full_graph_memory"] = model_management.get_free_memory(x.device) >= FULL_GRAPH_MIN_FREE
-        if not roomy:
-            return None
-    key = _run_weights_key(state, ("full", id(unet)), full_layers(unet), x)
+    key = run_weights_key(state, ("full", id(unet)), full_layers(unet), x)
     if key is None:
         return None
     options = {k: v for k, v in topts.items() if k != KEY}
@@ -346,7 +249,8 @@ def _graphed_full(state: DeepCacheState, executor, unet, first_output: int, call
         o = {**options, "patches": {"output_block_patch": [capture_deep_features]}, CAPTURE_KEY: sink}
         return executor(x, timesteps, context, y, None, o), sink[1]
 
-    outs = _replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key)
+    outs = replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key, log,
+                  "SDXLOpt DeepCache")
     if outs is None or outs[1] is None:
         return None
     state.full_graph_replays += 1

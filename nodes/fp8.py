@@ -15,6 +15,7 @@ import os
 
 import comfy.model_management
 import comfy.ops
+import comfy.patcher_extension
 import comfy.sd
 import folder_paths
 import torch
@@ -24,12 +25,16 @@ from comfy_api.latest import io
 from ..ops import fp8 as fp8ops
 from ..ops import fp8_groups
 from ..ops.compiling import is_compiling
+from ..ops.cuda_graphs import GraphRunState
 from . import CATEGORY
 from ._layers import host_free
+from ._run import per_run_wrapper
+from ._unet_graph import bind_unet_args, full_layers, may_graph, replay, roomy, run_weights_key
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+WrappersMP = comfy.patcher_extension.WrappersMP
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 
 # key sets that identify what a file holds (ComfyUI/LDM layout of SD-family UNets, diffusers layout)
@@ -75,6 +80,11 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
         out = super()._apply(fn, *args, **kwargs)
         fp8_groups.bump_epoch()
         return out
+
+    def sdxlopt_direct(self, x: torch.Tensor) -> bool:
+        """For CUDA-graph paths (nodes/_layers.computes_plainly): this layer computes on x without the host (its
+        fp8 weight, upcast in forward, is as plain as an fp16 one)."""
+        return _direct_params(self, x.device) is not None
 
     def fp8_direct(self, input: torch.Tensor, slot: tuple | None = None) -> tuple | None:
         """(upcast weight, bias in the input's dtype) for a direct forward, or None (take the host's path).
@@ -136,6 +146,9 @@ class DirectNorm:
     """Norm layers of the fp8 model (kept in the compute dtype): when weight and bias already have the input's
     device and dtype and the host has nothing to do to them, the torch op runs directly, as it does in a stock
     fp16 model; otherwise manual_cast's forward (offloaded layers, a compute dtype the weights are not in)."""
+
+    def sdxlopt_direct(self, x: torch.Tensor) -> bool:
+        return _direct_params(self, x.device, x.dtype) is not None
 
     def forward(self, input, *args, **kwargs):
         wb = None if args or kwargs else _direct_params(self, input.device, input.dtype)
@@ -240,6 +253,58 @@ def attach_upcast_groups(model) -> int:
     dm.register_forward_hook(scratch.end, always_call=True)
     dm.__dict__[GROUPS_ATTR] = groups
     return len(groups)
+
+
+GRAPH_KEY = "sdxlopt_fp8_graph"  # wrapper key and transformer_options entry holding the GraphRunState
+# every qualifying UNet call of a model from these loaders replayed as one CUDA graph (nodes/_unet_graph.py);
+# SDXLOPT_FP8_GRAPH=0 keeps them eager (the bench's like-for-like rows)
+FORWARD_GRAPH = os.environ.get("SDXLOPT_FP8_GRAPH", "1") != "0"
+
+
+def forward_graph_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: the call replayed from the model's graphs where it qualifies (innermost wrapper,
+    no patches or ControlNet, every layer resident with nothing for the host to do, CUDA, free memory), else
+    the host's forward. The graph runs the host's own forward (the executor), captured once per shape."""
+    bound = bind_unet_args(args, kwargs)
+    state = bound[0]["transformer_options"].get(GRAPH_KEY) if bound else None
+    if not isinstance(state, GraphRunState) or not FORWARD_GRAPH:
+        return executor(*args, **kwargs)
+    call, extra = bound
+    state.calls += 1
+    x, topts = call["x"], call["transformer_options"]
+    if not may_graph(state, "full", call, extra, executor) or not roomy(state, x):
+        return executor(*args, **kwargs)
+    key = run_weights_key(state, ("full", id(executor.class_obj)), full_layers(executor.class_obj), x)
+    if key is None:
+        return executor(*args, **kwargs)
+    options = {k: v for k, v in topts.items() if k != GRAPH_KEY}  # the state is per run: not held by the graph
+
+    def full(x, timesteps, context, y):
+        return executor(x, timesteps, context, y, None, dict(options))
+
+    out = replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key, log,
+                 "SDXLOpt FP8")
+    if out is None:
+        return executor(*args, **kwargs)
+    state.replays += 1
+    return out.clone()  # the graph's output buffer is rewritten by the next replay
+
+
+def _log_graph_run(state: GraphRunState) -> None:
+    if state.replays or state.warned:
+        log.info("SDXLOpt FP8: %s", state.summary())
+
+
+graph_outer_sample_wrapper = per_run_wrapper(GRAPH_KEY, GraphRunState, lambda guider, state, sigmas: None, log,
+                                             end=_log_graph_run, clock=False)
+
+
+def attach_forward_graph(model) -> None:
+    """Give a freshly loaded MODEL the whole-call CUDA graph path (per-run state, graphs shared by its runs and
+    clones). Only for models this pack's loaders just built."""
+    model.model_options.setdefault("transformer_options", {})[GRAPH_KEY] = GraphRunState()
+    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, GRAPH_KEY, graph_outer_sample_wrapper)
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, GRAPH_KEY, forward_graph_wrapper)
 
 
 def _groups_text(model) -> str:
@@ -408,6 +473,7 @@ def load_checkpoint_fp8(path: str, plan: fp8ops.Fp8Plan, name: str | None = None
     model, clip, vae = out[0], out[1], out[2]
     _check_loaded(model, name)
     attach_upcast_groups(model)
+    attach_forward_graph(model)
     _log_plan(name, plan, model)
     return model, clip, vae
 
@@ -423,6 +489,7 @@ def load_unet_fp8(path: str, plan: fp8ops.Fp8Plan, name: str | None = None):
         raise
     _check_loaded(model, name)
     attach_upcast_groups(model)
+    attach_forward_graph(model)
     _log_plan(name, plan, model)
     return model
 

@@ -82,3 +82,27 @@ class StaticGraphs:
     def clear(self) -> None:
         self.entries.clear()
         self.pool = None
+
+
+class GraphRunState:
+    """Per-run state of a patch that replays whole UNet calls from `graphs` (the fp8 loaders): the graphs are
+    shared by every run and clone (keyed by shapes and weight addresses); the rest is per run: facts worked
+    out once (`memo`), captures refused (`warned`), counters. The per-run holder protocol of nodes/_run.py."""
+
+    def __init__(self, graphs: StaticGraphs | None = None, limit: int = 4) -> None:
+        # four: a CFG cutoff's two batch sizes, each with and without a LoRA merged (other weight addresses)
+        self.graphs = graphs if graphs is not None else StaticGraphs(limit=limit)
+        self.reset()
+
+    def clone(self) -> GraphRunState:
+        return GraphRunState(self.graphs)
+
+    def reset(self) -> None:
+        self.memo: dict[Hashable, object] = {}
+        self.warned: set = set()
+        self.calls = 0
+        self.replays = 0
+        self.clock = None  # unused: the holder protocol's step clock (not needed here)
+
+    def summary(self) -> str:
+        return f"{self.replays}/{self.calls} UNet calls replayed as one CUDA graph"

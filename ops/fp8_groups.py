@@ -144,8 +144,11 @@ class UpcastScratch:
         return self.buffer
 
     def accepts(self, device: torch.device) -> bool:
-        """CUDA graphs need a CUDA device; elsewhere each layer upcasts itself (no launch overhead to save)."""
-        return device.type == "cuda" or not self.use_graphs
+        """CUDA graphs need a CUDA device; elsewhere each layer upcasts itself (no launch overhead to save), as
+        it does inside the capture of a larger graph (a whole UNet call: no graph launch inside a capture)."""
+        if not self.use_graphs:
+            return True
+        return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
     def disable(self, why: str) -> None:
         if self.disabled is None:

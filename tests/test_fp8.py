@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from sdxl_optimizer.nodes import fp8 as nfp8
 from sdxl_optimizer.ops import fp8 as ofp8
+from sdxl_optimizer.ops import fp8_groups
 from tinymodels import bridge, factories
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -510,6 +512,7 @@ def test_unet_loader_loads_a_tiny_unet_file_in_fp8(model_files, tiny_detection, 
     out = nfp8.Fp8UNetLoader.execute("tiny_unet.safetensors", "auto", True)
     model = out.args[0]
     assert nfp8.is_fp8_model(model)
+    assert isinstance(model.model_options["transformer_options"].get(nfp8.GRAPH_KEY), nfp8.GraphRunState)
     inner = model.model.diffusion_model
     assert inner.input_blocks[4][1].proj_in.weight.dtype == E4M3
     assert inner.input_blocks[4][1].norm.weight.dtype == torch.float32
@@ -634,3 +637,98 @@ def test_in_one_prompt_the_original_is_unchanged_and_a_lora_acts_on_the_fp8_mode
     cos = float(F.cosine_similarity(d8.flatten(), d32.flatten(), dim=0))
     assert cos > 0.8, f"expected the LoRA to act on the fp8 model as on the original, got direction cos {cos:.3f}"
     assert_files_unchanged(model_files)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole-call CUDA graph (nodes/_unet_graph.py): CI has no GPU, so the graph path's bookkeeping (static
+# buffers, keys, eligibility, fallbacks) runs in its "plain" mode, with plain calls in place of replays
+# ---------------------------------------------------------------------------------------------------------
+
+GRAPH_LINE = re.compile(r"SDXLOpt FP8: (\d+)/(\d+) UNet calls replayed as one CUDA graph")
+POS, NEG = factories.random_conditioning(101), factories.random_conditioning(202)
+
+
+def loaded_like_the_loaders(seed: int = 0):
+    """The tiny fp8 UNet with what the loaders attach: grouped upcasts (plain copies on the CPU) and the graph."""
+    m = tiny_fp8(seed)
+    nfp8.attach_upcast_groups(m)
+    m.model.diffusion_model.__dict__[nfp8.GROUPS_ATTR][0].scratch.use_graphs = False
+    nfp8.attach_forward_graph(m)
+    return m
+
+
+def sample(model, steps: int = 4, size: int = 8, seed: int = 0) -> torch.Tensor:
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", POS, NEG, latent, disable_pbar=True,
+                               seed=seed)
+
+
+def graph_lines(caplog) -> list[tuple[int, int]]:
+    return [(int(m[1]), int(m[2])) for r in caplog.records if (m := GRAPH_LINE.search(r.getMessage()))]
+
+
+@pytest.fixture
+def plain_graphs(monkeypatch):
+    from sdxl_optimizer.nodes import _unet_graph as ug
+
+    monkeypatch.setattr(ug, "GRAPH_MODE", "plain")
+    return ug
+
+
+def test_forward_graph_replays_every_call_and_matches_eager(plain_graphs, monkeypatch, caplog):
+    """Every UNet call of a loader's model goes through the graph path: one capture per shape kept for later
+    runs, the same samples as eager; a CPU user ("cuda" mode off CUDA) gets the eager path and no line."""
+    caplog.set_level(logging.INFO)
+    m = loaded_like_the_loaders()
+    graphs = m.model_options["transformer_options"][nfp8.GRAPH_KEY].graphs
+    first, second = sample(m), sample(m)
+    assert graphs.captures == 1, "expected one capture for both runs (same shape, same weights)"
+    sample(m, size=12)
+    assert graphs.captures == 2, "expected one more capture for another resolution"
+    monkeypatch.setattr(plain_graphs, "GRAPH_MODE", "off")
+    ref = sample(m)
+    monkeypatch.setattr(plain_graphs, "GRAPH_MODE", "cuda")
+    cpu = sample(m)
+    assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(cpu, ref)
+    assert graph_lines(caplog) == [(4, 4)] * 3
+    # the upcast scratch (made at the first forward, never read inside a capture) is left out of the key
+    assert fp8_groups.BUFFER_NAME.startswith(plain_graphs.OWN_BUFFERS)
+
+
+def test_forward_graph_stands_aside_for_patches_and_inner_wrappers(plain_graphs, caplog):
+    """A patch (FreeU) would be frozen by a capture: eager. DeepCache on top of the fp8 model wraps the UNet
+    inside ours: ours stands aside and DeepCache's own graphs take the calls (fp8 layers count as plain)."""
+    import nodes as core
+
+    from sdxl_optimizer.nodes import deepcache as dcn
+    from sdxl_optimizer.ops.deepcache import DeepCacheConfig
+
+    caplog.set_level(logging.INFO)
+    m = loaded_like_the_loaders()
+    freeu = core.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(m, 1.3, 1.4, 0.9, 0.2)[0]
+    sample(freeu)
+    dc = dcn.apply_deepcache(m, DeepCacheConfig(interval=2))
+    sample(dc)
+    assert graph_lines(caplog) == []
+    summary = [r.getMessage() for r in caplog.records if "DeepCache:" in r.getMessage()]
+    assert len(summary) == 1 and "2 full calls replayed as a CUDA graph" in summary[0], summary
+
+
+def test_a_refused_capture_warns_and_samples_eagerly(plain_graphs, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    m = loaded_like_the_loaders()
+    graphs = m.model_options["transformer_options"][nfp8.GRAPH_KEY].graphs
+
+    def refuse(fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", refuse)
+    out = sample(m)
+    monkeypatch.setattr(plain_graphs, "GRAPH_MODE", "off")
+    assert torch.equal(out, sample(m))
+    warnings = [r for r in caplog.records if "could not capture a full UNet call" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING and "SDXLOpt FP8" in warnings[0].getMessage()
+    assert graph_lines(caplog) == [(0, 4)]

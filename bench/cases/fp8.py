@@ -5,17 +5,21 @@ Rows (full mode: SDXL with random weights, 1024x1024, Euler, 50 steps, cfg 5, on
   core fp8_e4m3fn                   core's way: load_diffusion_model_state_dict(model_options={"dtype": fp8}),
                                     what UNETLoader's weight_dtype=fp8_e4m3fn does (every weight fp8, manual cast)
   ours e4m3fn, per-layer upcast     our custom_operations, fused matmul off, no grouped upcast
-  ours e4m3fn, grouped upcast       the same plus the loaders' grouped upcast (one CUDA graph replay per block
-                                    holding one torch copy per weight, ops/fp8_groups.py, and joined attention
-                                    projections): what the SDXLOpt FP8 loaders give by default
-  ours e4m3fn, grouped, one kernel  the same with one Triton multi-tensor upcast kernel in each block's graph
-                                    (nodes/fp8.py BATCHED_UPCAST, off by default)
+  ours e4m3fn, loader default       what the SDXLOpt FP8 loaders give: every UNet call that qualifies replayed
+                                    as one CUDA graph (nodes/_unet_graph.py); eager calls use the grouped upcast
+  ours e4m3fn, eager (grouped ...)  the same model without the whole-call graph: the grouped upcast (one CUDA
+                                    graph replay per block holding one torch copy per weight, ops/fp8_groups.py,
+                                    and joined attention projections): like for like with stock fp16 eager
+  fp16 (stock) + our whole-call graph  the stock model with the same whole-call graph: like for like with the
+                                    loader default (what the graph alone gives)
   ours e4m3fn, fused Triton matmul  our custom_operations with the fused weight-only fp8 kernel (Ada/Hopper)
   ours e5m2, ...                    the same for float8_e5m2 (fused where available, else per-call upcast)
 Columns: s_per_image (median over interleaved rounds after one warm-up run, which also autotunes the fused
 kernel; SDXLOPT_BENCH_FP8_ROUNDS sets the rounds), peak_vram_gib (peak allocated during sampling with only
-that model loaded: weights + activations), x_fp16 (s/image over the fp16 row's), x_fp16_per_step and ms_per_step_steady (steady-state step cost from
-many short runs alternated with fp16, median of per-round ratios: less drift than whole-image medians),
+that model loaded: weights + activations), model_held_gib (the peak the allocator held in such a run, CUDA
+graph pools included), x_fp16 (s/image over the fp16 row's), x_fp16_per_step and ms_per_step_steady
+(steady-state step cost from many short runs alternated with fp16, the GPU synchronized at each step, median
+of per-round ratios: less drift than whole-image medians),
 model_peak_gib (peak_vram_gib minus residue_gib, what was still allocated before that model loaded),
 rel_err (one UNet forward, batch 2 at the benchmark resolution, max|y - y_fp16| / max|y_fp16|),
 weights_gib (UNet parameter bytes), path (what ran, and why).
@@ -95,30 +99,31 @@ def _release(ctx: BenchContext) -> None:
         torch.cuda.empty_cache()
 
 
-def _peak_gib(ctx: BenchContext, model) -> tuple[float, float]:
-    """(peak, residue): peak allocated memory of one sampling run with only `model` loaded (weights +
-    activations), and what stayed allocated before the model was loaded (other models' leftovers: the
-    model's own peak is the difference)."""
+def _peak_gib(ctx: BenchContext, model) -> tuple[float, float, float]:
+    """(peak, residue, held): peak allocated memory of one sampling run with only `model` loaded (weights +
+    activations), what stayed allocated before the model was loaded (other models' leftovers: the model's
+    own peak is the difference), and the peak the allocator held in that run, cached blocks emptied first
+    (counts CUDA graph pools, allocated at capture in the run before and held from then on)."""
     ctx.free_models()
     if ctx.device.type != "cuda":
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     gc.collect()
     torch.cuda.empty_cache()
     residue = torch.cuda.memory_allocated() / GIB
     ctx.sample(model)
     ctx.sync()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ctx.sample(model)
     ctx.sync()
-    return torch.cuda.max_memory_allocated() / GIB, residue
+    return torch.cuda.max_memory_allocated() / GIB, residue, torch.cuda.max_memory_reserved() / GIB
 
 
 def run(ctx: BenchContext) -> None:
     """Every timed path (stock fp16 included) runs interleaved in rounds (A B C, A B C, ...; median), because
     eager SDXL on a fast GPU is launch-bound and drifts between minutes by more than the differences measured
     here; each row's peak comes from a separate run with only that model loaded."""
-    from sdxl_optimizer.nodes import fp8 as nfp8
-    from sdxl_optimizer.nodes.fp8 import attach_upcast_groups, fp8_operations
+    from sdxl_optimizer.nodes.fp8 import attach_forward_graph, attach_upcast_groups, fp8_operations
     from sdxl_optimizer.ops import fp8 as ofp8
 
     base = ctx.base_model()
@@ -137,12 +142,14 @@ def run(ctx: BenchContext) -> None:
         variants.append((f"ours {short}, per-layer upcast", {"custom_operations": fp8_operations(
             upcast.storage_dtype, False)}, upcast.describe() + ", no grouped upcast", timed_upcast))
         if short == "e4m3fn":
-            variants.append((f"ours {short}, grouped upcast", {"custom_operations": fp8_operations(
+            variants.append((f"ours {short}, loader default", {"custom_operations": fp8_operations(
+                upcast.storage_dtype, False), "grouped": True, "graph": True},
+                upcast.describe() + ", each UNet call replayed as one CUDA graph (eager calls: grouped upcast)",
+                True))
+            variants.append((f"ours {short}, eager (grouped upcast)", {"custom_operations": fp8_operations(
                 upcast.storage_dtype, False), "grouped": True},
-                upcast.describe() + ", grouped upcast: one CUDA graph replay per block (one copy per weight)", True))
-            variants.append((f"ours {short}, grouped, one kernel", {"custom_operations": fp8_operations(
-                upcast.storage_dtype, False), "grouped": "kernel"},
-                upcast.describe() + ", grouped upcast: one CUDA graph replay per block (one Triton kernel)", True))
+                upcast.describe() + ", eager: grouped upcast, one CUDA graph replay per block (one copy per "
+                "weight)", True))
         if fused.fused:
             variants.append((f"ours {short}, fused Triton matmul", {"custom_operations": fp8_operations(
                 fused.storage_dtype, True), "grouped": True}, fused.describe(), short == "e4m3fn"))
@@ -152,18 +159,22 @@ def run(ctx: BenchContext) -> None:
     models: dict[str, object] = {base_name: base}
     extras: dict[str, dict] = {base_name: {"rel_err": 0.0, "weights_gib": _weights_gib(base),
                                            "path": "stock ComfyUI, " + base_name.split()[0] + " weights"}}
+    # like for like with the loader default: the stock model with the same whole-call graph
+    graphed16 = f"{base_name.split()[0]} (stock) + our whole-call graph"
+    models[graphed16] = base.clone()
+    attach_forward_graph(models[graphed16])
+    extras[graphed16] = {"rel_err": 0.0, "weights_gib": _weights_gib(base),
+                         "path": "stock model, each UNet call replayed as one CUDA graph (nodes/_unet_graph.py)"}
     for name, options, path, timed in variants:
         try:
             options = dict(options)
             grouped = options.pop("grouped", False)
+            graph = options.pop("graph", False)
             model = _build(ctx, sd, options)
             if grouped:  # as the loaders do (on the fused rows it groups the convs)
-                default = nfp8.BATCHED_UPCAST
-                nfp8.BATCHED_UPCAST = grouped == "kernel"
-                try:
-                    attach_upcast_groups(model)
-                finally:
-                    nfp8.BATCHED_UPCAST = default
+                attach_upcast_groups(model)
+            if graph:
+                attach_forward_graph(model)
             err = _rel_err(_forward(model, inp), ref)
             extras[name] = {"rel_err": round(err, 5), "weights_gib": _weights_gib(model), "path": path}
             if timed:
@@ -174,7 +185,7 @@ def run(ctx: BenchContext) -> None:
         except Exception as e:  # one broken path must not lose the other rows
             traceback.print_exc()
             ctx.add_row(CASE, name, notes=f"FAILED: {type(e).__name__}: {e}"[:300], path=path)
-    peaks = {}
+    peaks: dict[str, tuple[float, float, float]] = {}
     for name, model in list(models.items()):
         try:
             peaks[name] = _peak_gib(ctx, model)
@@ -185,12 +196,13 @@ def run(ctx: BenchContext) -> None:
     ctx.free_models()
     rounds = int(os.environ.get("SDXLOPT_BENCH_FP8_ROUNDS", "0")) or None
     measured = ctx.measure_interleaved({n: (lambda m=m: ctx.sample(m)) for n, m in models.items()}, rounds=rounds)
-    per_step = ctx.step_ratio_interleaved(models, base_name)
+    per_step = ctx.step_ratio_interleaved(models, base_name, sync=True)
     base_s = measured[base_name].seconds
     for name, m in measured.items():
         m.peak_gib = peaks[name][0]
         ctx.add_row(CASE, name, m, x_fp16=round(m.seconds / base_s, 3), residue_gib=round(peaks[name][1], 3),
                     model_peak_gib=round(peaks[name][0] - peaks[name][1], 3),
+                    model_held_gib=round(peaks[name][2] - peaks[name][1], 3),
                     x_fp16_per_step=round(per_step[name]["ratio"], 3),
                     ms_per_step_steady=round(per_step[name]["step_s"] * 1000, 2),
                     cpu_x_fp16_per_step=round(per_step[name]["cpu_ratio"], 3), **extras[name])

@@ -1,0 +1,130 @@
+"""A UNet call replayed as one CUDA graph, where nothing in it needs the host: what DeepCache (its full and
+shallow calls) and the fp8 loaders (every call) share.
+
+An eager SDXL UNet forward launches ~2,000 kernels from Python and is bound by the host on an H100; captured
+once per shape (ops/cuda_graphs.py), the same work is one graph launch and a few input copies. A capture
+freezes the Python that ran during it, so a call qualifies only where no Python can differ from one call to
+the next: a CUDA device, no ControlNet, no patches of any kind, no extra UNet arguments, the calling wrapper
+the innermost one (a wrapper after it would be frozen), and every layer computing on weights that already
+sit on the input's device with nothing for the host to do (`computes_plainly`: not offloaded, no low-VRAM
+LoRA, no cast; fp8 layers that upcast their own weight count as plain). The per-layer checks run once per
+sampling run (the host sets casts and offloading when it loads the model, before sampling); the weights'
+addresses are read at every call and are part of the graph's key, so weights replaced at other addresses
+(a LoRA merged, hook keyframes) are captured anew while weights updated in place are read as they are.
+
+The callers keep a state object with `graphs` (StaticGraphs), `memo` (dict, per run) and `warned` (set, per
+run). A refused capture logs one warning and that kind of call runs eagerly for the rest of the run.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Hashable
+
+import comfy.model_management as model_management
+import torch
+
+from ._layers import computes_plainly
+
+ARG_NAMES = ("x", "timesteps", "context", "y", "control", "transformer_options")  # UNetModel.forward's order
+
+# "cuda": graphs where calls qualify; "plain": the same bookkeeping (static buffers, keys) with plain calls,
+# also on the CPU (tests); "off": never
+GRAPH_MODE = "cuda"
+# a graph of a whole forward keeps about one forward's temporaries in its memory pool for as long as its
+# owner lives; captured only where the device has this much free memory at the first call of a run
+FREE_MEMORY_MIN = 2 * 1024 ** 3
+_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNSEEN = object()
+
+
+def bind_unet_args(args: tuple, kwargs: dict) -> tuple[dict, dict] | None:
+    """UNetModel.forward's arguments by name, plus the extra ones; None for a call shape we do not know."""
+    if len(args) > len(ARG_NAMES):
+        return None
+    bound = dict(zip(ARG_NAMES, args))
+    rest = dict(kwargs)
+    for name in ARG_NAMES:
+        if name in rest:
+            bound[name] = rest.pop(name)
+    if not isinstance(bound.get("transformer_options"), dict) or not torch.is_tensor(bound.get("x")):
+        return None
+    return bound, rest
+
+
+def full_layers(unet) -> list[torch.nn.Module]:
+    """Every module of the UNet (what a full call runs), listed once per UNet."""
+    per_unet = _LAYERS.setdefault(unet, {})
+    if "full" not in per_unet:
+        per_unet["full"] = list(unet.modules())
+    return per_unet["full"]
+
+
+def plain_weights_key(layers, x: torch.Tensor) -> tuple | None:
+    """The addresses of the layers' weights when every layer computes plainly on x (the work a CUDA graph can
+    hold), else None."""
+    if not all(computes_plainly(m, x) for m in layers):
+        return None
+    return _addresses(layers)
+
+
+OWN_BUFFERS = "_sdxlopt_"  # buffers of this pack's (the fp8 upcast scratch): never read inside a capture
+
+
+def _addresses(layers) -> tuple:
+    """The addresses a graph of these layers reads: parameters and buffers (not this pack's own buffers: the
+    grouped fp8 upcast stands aside inside a capture, and its scratch is made at the first forward)."""
+    return tuple(t.data_ptr() for m in layers
+                 for t in (*m._parameters.values(), *(b for n, b in m._buffers.items() if not n.startswith(OWN_BUFFERS)))
+                 if t is not None)
+
+
+def run_weights_key(state, tag: Hashable, layers, x: torch.Tensor) -> tuple | None:
+    """plain_weights_key with the per-layer checks done once per run (~2 ms of Python for the whole SDXL
+    UNet) and only the addresses read per call."""
+    memo_key = (tag, x.device, x.dtype)
+    holders = state.memo.get(memo_key, _UNSEEN)
+    if holders is _UNSEEN:
+        holders = None if plain_weights_key(layers, x) is None else [m for m in layers if m._parameters or m._buffers]
+        state.memo[memo_key] = holders
+    return None if holders is None else _addresses(holders)
+
+
+def may_graph(state, kind: str, call: dict, extra: dict, executor=None) -> bool:
+    """A call whose work a capture can hold: CUDA (or the "plain" test mode), no ControlNet, no patches (their
+    Python would be frozen), no extra UNet arguments, no refused capture of this kind in this run, and, where
+    `executor` is given (the call runs the host's forward through it), the innermost UNet wrapper."""
+    x, topts = call["x"], call["transformer_options"]
+    if GRAPH_MODE == "off" or (GRAPH_MODE == "cuda" and not x.is_cuda):
+        return False
+    if (extra or call.get("control") is not None or topts.get("patches") or topts.get("patches_replace")
+            or ("graph", kind) in state.warned):
+        return False
+    if executor is not None and executor.idx + 1 != len(executor.wrappers):
+        return False
+    state.graphs.use_graphs = GRAPH_MODE == "cuda"
+    return True
+
+
+def roomy(state, x: torch.Tensor) -> bool:
+    """Enough free device memory for a whole-forward graph's pool (checked once per run; always in the plain
+    test mode)."""
+    if not state.graphs.use_graphs:
+        return True
+    if "free_memory" not in state.memo:
+        state.memo["free_memory"] = model_management.get_free_memory(x.device) >= FREE_MEMORY_MIN
+    return state.memo["free_memory"]
+
+
+def replay(state, kind: str, fn, inputs: tuple, key: Hashable, log: logging.Logger, who: str):
+    """state.graphs(fn, inputs, key), or None after logging once when the device or driver refuses a capture
+    (this run's calls of that kind then run eagerly; the owner's graphs are dropped and captured again)."""
+    key = (kind, key, torch.is_inference_mode_enabled())  # buffers made in inference mode take no copies outside it
+    try:
+        return state.graphs(fn, inputs, key)
+    except Exception as e:
+        state.warned.add(("graph", kind))
+        state.graphs.clear()
+        log.warning("%s: could not capture a %s UNet call as a CUDA graph (%s: %s); this run's %s calls run "
+                    "eagerly (same result, more host time).", who, kind, type(e).__name__, str(e)[:200], kind)
+        return None

@@ -4,8 +4,8 @@ shallow calls) and the fp8 loaders (every call) share.
 An eager SDXL UNet forward launches ~2,000 kernels from Python and is bound by the host on an H100; captured
 once per shape (ops/cuda_graphs.py), the same work is one graph launch and a few input copies. A capture
 freezes the Python that ran during it, so a call qualifies only where no Python can differ from one call to
-the next: a CUDA device, no ControlNet, no patches of any kind, no extra UNet arguments, the calling wrapper
-the innermost one (a wrapper after it would be frozen), and every layer computing on weights that already
+the next: a CUDA device, no ControlNet, no patches of any kind or attention override, no extra UNet arguments,
+the calling wrapper the innermost one (a wrapper after it would be frozen), and every layer computing on weights that already
 sit on the input's device with nothing for the host to do (`computes_plainly`: not offloaded, no low-VRAM
 LoRA, no cast; fp8 layers that upcast their own weight count as plain). The per-layer checks run once per
 sampling run (the host sets casts and offloading when it loads the model, before sampling); the weights'
@@ -34,6 +34,9 @@ GRAPH_MODE = "cuda"
 # a graph of a whole forward keeps about one forward's temporaries in its memory pool for as long as its
 # owner lives; captured only where the device has this much free memory at the first call of a run
 FREE_MEMORY_MIN = 2 * 1024 ** 3
+# transformer_options entries whose Python runs inside the forward (ComfyUI 0.3.75 and upstream): patches,
+# block replacements, and an attention override (e.g. a node that switches attention kernels per step)
+FROZEN_BY_CAPTURE = ("patches", "patches_replace", "optimized_attention_override")
 _LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNSEEN = object()
 
@@ -97,7 +100,7 @@ def may_graph(state, kind: str, call: dict, extra: dict, executor=None) -> bool:
     x, topts = call["x"], call["transformer_options"]
     if GRAPH_MODE == "off" or (GRAPH_MODE == "cuda" and not x.is_cuda):
         return False
-    if (extra or call.get("control") is not None or topts.get("patches") or topts.get("patches_replace")
+    if (extra or call.get("control") is not None or any(topts.get(k) for k in FROZEN_BY_CAPTURE)
             or ("graph", kind) in state.warned):
         return False
     if executor is not None and executor.idx + 1 != len(executor.wrappers):

@@ -699,7 +699,7 @@ def test_forward_graph_replays_every_call_and_matches_eager(plain_graphs, monkey
 
 
 def test_forward_graph_stands_aside_for_patches_and_inner_wrappers(plain_graphs, caplog):
-    """A patch (FreeU) would be frozen by a capture: eager. DeepCache on top of the fp8 model wraps the UNet
+    """A patch (FreeU) or an attention override would be frozen by a capture: eager. DeepCache on top of the fp8 model wraps the UNet
     inside ours: ours stands aside and DeepCache's own graphs take the calls (fp8 layers count as plain)."""
     import nodes as core
 
@@ -710,6 +710,9 @@ def test_forward_graph_stands_aside_for_patches_and_inner_wrappers(plain_graphs,
     m = loaded_like_the_loaders()
     freeu = core.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(m, 1.3, 1.4, 0.9, 0.2)[0]
     sample(freeu)
+    override = m.clone()  # an attention override may pick kernels per step: frozen by a capture too
+    override.model_options["transformer_options"]["optimized_attention_override"] = lambda f, *a, **k: f(*a, **k)
+    sample(override)
     dc = dcn.apply_deepcache(m, DeepCacheConfig(interval=2))
     sample(dc)
     assert graph_lines(caplog) == []

@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Hashable
 
 import comfy.model_management as model_management
+import comfy.patcher_extension
 import torch
 
 from ._layers import computes_plainly
@@ -131,3 +132,21 @@ def replay(state, kind: str, fn, inputs: tuple, key: Hashable, log: logging.Logg
         log.warning("%s: could not capture a %s UNet call as a CUDA graph (%s: %s); this run's %s calls run "
                     "eagerly (same result, more host time).", who, kind, type(e).__name__, str(e)[:200], kind)
         return None
+
+
+def release_on_detach(model, key: str) -> None:
+    """When the host unloads `model` from the device (ModelPatcher.detach with unpatch_all: another model needs
+    the memory, or everything is unloaded), drop the graphs of transformer_options[key] with their memory pool,
+    which the host's memory manager cannot see; the next run captures again. Not on the detach without
+    unpatching that load_models_gpu does at every run to re-register a model that stays loaded (weights stay
+    where they are). CallbacksMP.ON_DETACH, the same in ComfyUI 0.3.75 and upstream; clones carry it."""
+
+    def drop_graphs(patcher, unpatch_all=True, *args, **kwargs) -> None:
+        if not unpatch_all:
+            return
+        state = patcher.model_options.get("transformer_options", {}).get(key)
+        graphs = getattr(state, "graphs", None)
+        if graphs is not None:
+            graphs.clear()
+
+    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, key, drop_graphs)

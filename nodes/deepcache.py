@@ -32,7 +32,16 @@ from comfy_api.latest import io
 from ..ops.deepcache import SCHEDULES, DeepCacheConfig, DeepCacheState, shallow_plan
 from . import ADVANCED, CATEGORY
 from ._run import per_run_wrapper
-from ._unet_graph import ARG_NAMES, bind_unet_args, full_layers, may_graph, replay, roomy, run_weights_key
+from ._unet_graph import (
+    ARG_NAMES,
+    bind_unet_args,
+    full_layers,
+    may_graph,
+    release_on_detach,
+    replay,
+    roomy,
+    run_weights_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +357,7 @@ def apply_deepcache(model, config: DeepCacheConfig):
     m.model_options.setdefault("transformer_options", {})[KEY] = DeepCacheState(config)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
+    release_on_detach(m, KEY)
     return m
 
 

@@ -29,7 +29,7 @@ from ..ops.cuda_graphs import GraphRunState
 from . import CATEGORY
 from ._layers import host_free
 from ._run import per_run_wrapper
-from ._unet_graph import bind_unet_args, full_layers, may_graph, replay, roomy, run_weights_key
+from ._unet_graph import bind_unet_args, full_layers, may_graph, release_on_detach, replay, roomy, run_weights_key
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ def attach_forward_graph(model) -> None:
     model.model_options.setdefault("transformer_options", {})[GRAPH_KEY] = GraphRunState()
     model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, GRAPH_KEY, graph_outer_sample_wrapper)
     model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, GRAPH_KEY, forward_graph_wrapper)
+    release_on_detach(model, GRAPH_KEY)
 
 
 def _groups_text(model) -> str:

@@ -740,3 +740,18 @@ def test_captured_graphs_are_reused_by_later_runs_of_the_node(tiny, caplog, grap
     expected = [4, 4, 4] if graph_mode == "plain" else [0, 0, 0]
     assert replayed(caplog) == expected
     assert graphs.captures == (captures + 2 if graph_mode == "plain" else 0)  # full and shallow path
+
+
+def test_unloading_the_model_drops_its_graphs(tiny, graph_mode):
+    """The host's memory manager cannot see a graph pool: when it unloads the model (ModelPatcher.detach), the
+    node's graphs go with it, and the next run captures again."""
+    import comfy.model_management as mm
+
+    m = deepcache(tiny, interval=3)
+    graphs = m.model_options["transformer_options"][dcn.KEY].graphs
+    out = sample(m, steps=7)
+    assert bool(graphs.entries) == (graph_mode == "plain")
+    mm.unload_all_models()
+    assert not graphs.entries
+    assert torch.equal(sample(m, steps=7), out)
+    assert bool(graphs.entries) == (graph_mode == "plain")

@@ -696,6 +696,12 @@ def test_forward_graph_replays_every_call_and_matches_eager(plain_graphs, monkey
     assert graph_lines(caplog) == [(4, 4)] * 3
     # the upcast scratch (made at the first forward, never read inside a capture) is left out of the key
     assert fp8_groups.BUFFER_NAME.startswith(plain_graphs.OWN_BUFFERS)
+    # unloading the model (ModelPatcher.detach) drops its graphs and their pool
+    import comfy.model_management as mm
+
+    assert graphs.entries
+    mm.unload_all_models()
+    assert not graphs.entries
 
 
 def test_forward_graph_stands_aside_for_patches_and_inner_wrappers(plain_graphs, caplog):

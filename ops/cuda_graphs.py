@@ -83,6 +83,12 @@ class StaticGraphs:
         self.entries.clear()
         self.pool = None
 
+    def __deepcopy__(self, memo) -> StaticGraphs:
+        """Shared, not copied: ComfyUI's ModelPatcher.clone deep-copies model_options, where the patches keep
+        their state; a CUDA graph cannot be copied, and a clone reads the same weights (the keys hold their
+        addresses), so clones share one set of graphs and one memory pool."""
+        return self
+
 
 class GraphRunState:
     """Per-run state of a patch that replays whole UNet calls from `graphs` (the fp8 loaders): the graphs are

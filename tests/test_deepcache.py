@@ -751,6 +751,8 @@ def test_unloading_the_model_drops_its_graphs(tiny, graph_mode):
     graphs = m.model_options["transformer_options"][dcn.KEY].graphs
     out = sample(m, steps=7)
     assert bool(graphs.entries) == (graph_mode == "plain")
+    # a node cloning the model afterwards (ComfyUI deep-copies model_options) shares the graphs
+    assert m.clone().model_options["transformer_options"][dcn.KEY].graphs is graphs
     mm.unload_all_models()
     assert not graphs.entries
     assert torch.equal(sample(m, steps=7), out)

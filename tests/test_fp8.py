@@ -696,6 +696,9 @@ def test_forward_graph_replays_every_call_and_matches_eager(plain_graphs, monkey
     assert graph_lines(caplog) == [(4, 4)] * 3
     # the upcast scratch (made at the first forward, never read inside a capture) is left out of the key
     assert fp8_groups.BUFFER_NAME.startswith(plain_graphs.OWN_BUFFERS)
+    # a clone (ComfyUI deep-copies model_options) shares the graphs: a CUDA graph cannot be copied
+    clone = m.clone()
+    assert clone.model_options["transformer_options"][nfp8.GRAPH_KEY].graphs is graphs
     # unloading the model (ModelPatcher.detach) drops its graphs and their pool
     import comfy.model_management as mm
 

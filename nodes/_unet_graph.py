@@ -4,7 +4,8 @@ shallow calls) and the fp8 loaders (every call) share.
 An eager SDXL UNet forward launches ~2,000 kernels from Python and is bound by the host on an H100; captured
 once per shape (ops/cuda_graphs.py), the same work is one graph launch and a few input copies. A capture
 freezes the Python that ran during it, so a call qualifies only where no Python can differ from one call to
-the next: a CUDA device, no ControlNet, no patches of any kind or attention override, no extra UNet arguments,
+the next: a CUDA device, no ControlNet, no patches but those marked graph-safe (GRAPH_SAFE: this pack's FreeU),
+no block replacement or attention override, no extra UNet arguments,
 the calling wrapper the innermost one (a wrapper after it would be frozen), and every layer computing on weights that already
 sit on the input's device with nothing for the host to do (`computes_plainly`: not offloaded, no low-VRAM
 LoRA, no cast; fp8 layers that upcast their own weight count as plain). The per-layer checks run once per
@@ -35,9 +36,13 @@ GRAPH_MODE = "cuda"
 # a graph of a whole forward keeps about one forward's temporaries in its memory pool for as long as its
 # owner lives; captured only where the device has this much free memory at the first call of a run
 FREE_MEMORY_MIN = 2 * 1024 ** 3
-# transformer_options entries whose Python runs inside the forward (ComfyUI 0.3.75 and upstream): patches,
-# block replacements, and an attention override (e.g. a node that switches attention kernels per step)
-FROZEN_BY_CAPTURE = ("patches", "patches_replace", "optimized_attention_override")
+# transformer_options entries whose Python runs inside the forward (ComfyUI 0.3.75 and upstream): block
+# replacements and an attention override (e.g. a node that switches attention kernels per step) never
+# qualify; patches (transformer_options["patches"]) only where every one says it is graph-safe
+FROZEN_BY_CAPTURE = ("patches_replace", "optimized_attention_override")
+# attribute of a patch (function or callable object) whose work is the same tensor math at every call, decided
+# before sampling (this pack's FreeU and DeepCache's feature copy): a capture holds it exactly
+GRAPH_SAFE = "sdxlopt_graph_safe"
 _LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNSEEN = object()
 
@@ -95,19 +100,25 @@ def run_weights_key(state, tag: Hashable, layers, x: torch.Tensor) -> tuple | No
 
 
 def may_graph(state, kind: str, call: dict, extra: dict, executor=None) -> bool:
-    """A call whose work a capture can hold: CUDA (or the "plain" test mode), no ControlNet, no patches (their
-    Python would be frozen), no extra UNet arguments, no refused capture of this kind in this run, and, where
+    """A call whose work a capture can hold: CUDA (or the "plain" test mode), no ControlNet, no patches but
+    graph-safe ones (others' Python would be frozen), no block replacement or attention override, no extra
+    UNet arguments, no refused capture of this kind in this run, and, where
     `executor` is given (the call runs the host's forward through it), the innermost UNet wrapper."""
     x, topts = call["x"], call["transformer_options"]
     if GRAPH_MODE == "off" or (GRAPH_MODE == "cuda" and not x.is_cuda):
         return False
     if (extra or call.get("control") is not None or any(topts.get(k) for k in FROZEN_BY_CAPTURE)
-            or ("graph", kind) in state.warned):
+            or not graph_safe_patches(topts) or ("graph", kind) in state.warned):
         return False
     if executor is not None and executor.idx + 1 != len(executor.wrappers):
         return False
     state.graphs.use_graphs = GRAPH_MODE == "cuda"
     return True
+
+
+def graph_safe_patches(topts: dict) -> bool:
+    """Every patch in transformer_options["patches"] is marked GRAPH_SAFE (none at all: True)."""
+    return all(getattr(p, GRAPH_SAFE, False) for ps in (topts.get("patches") or {}).values() for p in ps)
 
 
 def roomy(state, x: torch.Tensor) -> bool:

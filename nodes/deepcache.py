@@ -173,6 +173,17 @@ def capture_deep_features(h, hsp, transformer_options):
     return h, hsp
 
 
+capture_deep_features.sdxlopt_graph_safe = True  # one copy at a fixed block: a capture holds it exactly
+
+
+def with_capture_patch(topts: dict, sink: list) -> dict:
+    """transformer_options of a full call: the feature copy first among the output-block patches (it sees the
+    features before FreeU & co.), and the call's sink."""
+    patches = dict(topts.get("patches", {}))
+    patches["output_block_patch"] = [capture_deep_features, *patches.get("output_block_patch", [])]
+    return {**topts, "patches": patches, CAPTURE_KEY: sink}
+
+
 def chunk_keys(transformer_options: dict, batch: int) -> list[Hashable]:
     """One key per conditioning chunk of the batch: ComfyUI's cond uuids, or the whole batch as one."""
     uuids = transformer_options.get("uuids")
@@ -255,8 +266,7 @@ def _graphed_full(state: DeepCacheState, executor, unet, first_output: int, call
 
     def full(x, timesteps, context, y):
         sink = [first_output, None]
-        o = {**options, "patches": {"output_block_patch": [capture_deep_features]}, CAPTURE_KEY: sink}
-        return executor(x, timesteps, context, y, None, o), sink[1]
+        return executor(x, timesteps, context, y, None, with_capture_patch(options, sink)), sink[1]
 
     outs = replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key, log,
                   "SDXLOpt DeepCache")
@@ -307,9 +317,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if graphed is not None:
         out, sink[1] = graphed
     else:
-        patches = dict(topts.get("patches", {}))
-        patches["output_block_patch"] = [capture_deep_features, *patches.get("output_block_patch", [])]
-        call["transformer_options"] = {**topts, "patches": patches, CAPTURE_KEY: sink}
+        call["transformer_options"] = with_capture_patch(topts, sink)
         out = executor(*(call.get(n) for n in ARG_NAMES), **extra)
     if sink[1] is not None:
         state.store(keys, x, sink[1])

@@ -29,6 +29,10 @@ PATCHED_STAGES = 2  # FreeU touches the two lowest-resolution decoder stages, as
 class FreeUPatch:
     """output_block_patch: (h, hsp, transformer_options) -> (h, hsp) with FreeU on the patched stages."""
 
+    # the same tensor math at every call (factors and method fixed at node time, the block id set by the
+    # forward itself): the CUDA-graph paths of DeepCache and the fp8 loaders may capture it (nodes/_unet_graph.py)
+    sdxlopt_graph_safe = True
+
     def __init__(self, factors: tuple[tuple[float, float] | None, ...], version: str, threshold: int,
                  method: str) -> None:
         self.factors = factors  # per output block: (b, s) or None

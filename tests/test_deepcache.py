@@ -626,6 +626,39 @@ def test_graph_path_stands_aside_for_patches_and_control_and_takes_fp8(tiny, cap
     assert replayed(caplog, FULL_REPLAYED) == ([0, 0, 2] if graph_mode == "plain" else [0, 0, 0])
 
 
+def test_graphs_take_this_packs_freeu_in_either_order(tiny, caplog, graph_mode, monkeypatch):
+    """SDXLOpt FreeU's patch is marked graph-safe (fixed tensor math per block): with it on the model, before
+    or after DeepCache, full and shallow calls still replay, with the eager run's output; core FreeU_V2's
+    patch is not marked and keeps the eager path (the test above)."""
+    from sdxl_optimizer.nodes import freeu as nfreeu
+
+    caplog.set_level(logging.INFO)
+    config = nfreeu.resolve_config("SDXL", "v1", 1.3, 1.4, 0.9, 0.2)
+    before = deepcache(nfreeu.apply_freeu(tiny, config), interval=3)
+    after = nfreeu.apply_freeu(deepcache(tiny, interval=3), config)
+    outs = [sample(before, steps=7), sample(after, steps=7)]
+    monkeypatch.setattr(ug, "GRAPH_MODE", "off")
+    ref = sample(deepcache(nfreeu.apply_freeu(tiny, config), interval=3), steps=7)
+    assert all(torch.equal(o, ref) for o in outs)
+    expected = [4, 4, 0] if graph_mode == "plain" else [0, 0, 0]
+    assert replayed(caplog) == expected
+    assert replayed(caplog, FULL_REPLAYED) == ([3, 3, 0] if graph_mode == "plain" else [0, 0, 0])
+
+
+def test_graph_safe_patches_need_every_patch_marked():
+    def plain(h, hsp, to):
+        return h, hsp
+
+    def marked(h, hsp, to):
+        return h, hsp
+
+    marked.sdxlopt_graph_safe = True
+    assert ug.graph_safe_patches({})
+    assert ug.graph_safe_patches({"patches": {"output_block_patch": [marked, dcn.capture_deep_features]}})
+    assert not ug.graph_safe_patches({"patches": {"output_block_patch": [marked, plain]}})
+    assert not ug.graph_safe_patches({"patches": {"attn1_patch": [plain]}})
+
+
 def test_plain_weights_key_follows_replaced_weights_and_refuses_cast_layers(tiny):
     import comfy.model_management as mm
 

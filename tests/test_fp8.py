@@ -729,6 +729,18 @@ def test_forward_graph_stands_aside_for_patches_and_inner_wrappers(plain_graphs,
     assert len(summary) == 1 and "2 full calls replayed as a CUDA graph" in summary[0], summary
 
 
+def test_forward_graph_takes_this_packs_freeu(plain_graphs, monkeypatch, caplog):
+    """SDXLOpt FreeU's patch is graph-safe: an fp8 model with it still replays every call, as eager."""
+    from sdxl_optimizer.nodes import freeu as nfreeu
+
+    caplog.set_level(logging.INFO)
+    m = nfreeu.apply_freeu(loaded_like_the_loaders(), nfreeu.resolve_config("SDXL", "v1", 1.3, 1.4, 0.9, 0.2))
+    out = sample(m)
+    monkeypatch.setattr(plain_graphs, "GRAPH_MODE", "off")
+    assert torch.equal(out, sample(m))
+    assert graph_lines(caplog) == [(4, 4)]
+
+
 def test_a_refused_capture_warns_and_samples_eagerly(plain_graphs, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     m = loaded_like_the_loaders()

@@ -9,7 +9,8 @@ max |graph - eager| / max |eager| of the final latent and how many calls replaye
 (full and shallow graphs); DeepCache + CFG cutoff at 50% (the batch drops from 2 to 1 mid-run: new captures);
 DeepCache with a LoRA-like weight patch (new weight addresses: new captures); the same DeepCache node after the
 host unloaded every model (graphs dropped, captured again); the fp8 loaders' model (whole-call graph) alone,
-with a CFG cutoff, and under DeepCache. Exit status 1 if any differs by more than 1e-3.
+with a CFG cutoff, and under DeepCache; DeepCache and the fp8 model with SDXLOpt FreeU (a graph-safe patch).
+Exit status 1 if any differs by more than 1e-3.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main() -> int:
     from sdxl_optimizer.nodes import cfg_cutoff as ncut
     from sdxl_optimizer.nodes import deepcache as dcn
     from sdxl_optimizer.nodes import fp8 as nfp8
+    from sdxl_optimizer.nodes import freeu as nfreeu
     from sdxl_optimizer.ops.deepcache import DeepCacheConfig
 
     lines: list[str] = []
@@ -62,6 +64,7 @@ def main() -> int:
     msd = lora.model.state_dict()
     lora.add_patches({k: (torch.randn(msd[k].shape, generator=gen) * 0.01,) for k in keys}, 1.0)
     dc_base = dc(base)
+    freeu_cfg = nfreeu.resolve_config("SDXL", "v1", 1.3, 1.4, 0.9, 0.2)
     stacks = {
         "DeepCache i3": lambda: dc_base,
         "DeepCache i3 + CFG cutoff 50%": lambda: dc(ncut.apply_cfg_cutoff(base, 0.5)),
@@ -70,6 +73,8 @@ def main() -> int:
         "fp8 loader model": lambda: fp8,
         "fp8 loader model + CFG cutoff 50%": lambda: ncut.apply_cfg_cutoff(fp8, 0.5),
         "fp8 loader model + DeepCache i3": lambda: dc(fp8),
+        "DeepCache i3 + SDXLOpt FreeU (graph-safe patch)": lambda: dc(nfreeu.apply_freeu(base, freeu_cfg)),
+        "fp8 loader model + SDXLOpt FreeU": lambda: nfreeu.apply_freeu(fp8, freeu_cfg),
     }
     failed = 0
     for name, make in stacks.items():

@@ -131,10 +131,19 @@ def roomy(state, x: torch.Tensor) -> bool:
     return state.memo["free_memory"]
 
 
-def replay(state, kind: str, fn, inputs: tuple, key: Hashable, log: logging.Logger, who: str):
+def patches_key(topts: dict) -> tuple:
+    """The call's patches as part of a graph's key: the patch objects themselves (kept alive by the key, so an
+    id is never reused), per patch point. Clones of a model share its graphs, and a clone may carry other
+    (graph-safe) patches than the model its graph was captured for: another key, another capture."""
+    return tuple((name, tuple(ps)) for name, ps in sorted((topts.get("patches") or {}).items()))
+
+
+def replay(state, kind: str, fn, inputs: tuple, key: Hashable, log: logging.Logger, who: str, topts: dict):
     """state.graphs(fn, inputs, key), or None after logging once when the device or driver refuses a capture
-    (this run's calls of that kind then run eagerly; the owner's graphs are dropped and captured again)."""
-    key = (kind, key, torch.is_inference_mode_enabled())  # buffers made in inference mode take no copies outside it
+    (this run's calls of that kind then run eagerly; the owner's graphs are dropped and captured again). The
+    graph's key adds the call's patches (`topts`) and inference mode to `key` (the caller's: weights)."""
+    # buffers made in inference mode take no copies outside it
+    key = (kind, key, patches_key(topts), torch.is_inference_mode_enabled())
     try:
         return state.graphs(fn, inputs, key)
     except Exception as e:

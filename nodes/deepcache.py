@@ -242,7 +242,7 @@ def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input:
                                     None, dict(options))
 
     out = replay(state, "shallow", shallow, (x, call.get("timesteps"), call.get("context"), call.get("y"), cached),
-                 key, log, "SDXLOpt DeepCache")
+                 key, log, "SDXLOpt DeepCache", topts)
     if out is None:
         return None
     state.graph_replays += 1
@@ -269,7 +269,7 @@ def _graphed_full(state: DeepCacheState, executor, unet, first_output: int, call
         return executor(x, timesteps, context, y, None, with_capture_patch(options, sink)), sink[1]
 
     outs = replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key, log,
-                  "SDXLOpt DeepCache")
+                  "SDXLOpt DeepCache", topts)
     if outs is None or outs[1] is None:
         return None
     state.full_graph_replays += 1

@@ -283,7 +283,7 @@ def forward_graph_wrapper(executor, *args, **kwargs):
         return executor(x, timesteps, context, y, None, dict(options))
 
     out = replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key, log,
-                 "SDXLOpt FP8")
+                 "SDXLOpt FP8", topts)
     if out is None:
         return executor(*args, **kwargs)
     state.replays += 1

@@ -16,7 +16,9 @@ what another graph returned; clone what must live longer. The function must
 be pure tensor work on CUDA with no host synchronisation and no Python decisions that differ between calls
 of the same key: the caller decides what may be captured. A failed capture raises; the caller falls back.
 
-`use_graphs=False` runs the same bookkeeping with a plain call on the static buffers (CPU tests).
+`use_graphs=False` runs the same bookkeeping with a plain call on the static buffers (CPU tests): the call
+of the function given at capture, not of the one given now, as a replay would (a key that misses something
+the function depends on shows as a wrong result).
 Torch only.
 """
 from __future__ import annotations
@@ -48,14 +50,14 @@ class StaticGraphs:
                 self.entries.popitem(last=False)
         else:
             self.entries.move_to_end(full_key)
-        static_in, out, graph = entry
+        static_in, out, graph, captured = entry
         for s, t in zip(static_in, inputs):
             if s is not None:
                 s.copy_(t)
         if graph is not None:
             graph.replay()
-        else:  # no graphs (tests): the same function on the same buffers
-            out = fn(*static_in)
+        else:  # no graphs (tests): the function given at capture, as a graph would replay it
+            out = captured(*static_in)
         self.replays += 1
         return out
 
@@ -63,7 +65,7 @@ class StaticGraphs:
         static_in = tuple(None if t is None else t.detach().clone() for t in inputs)
         if not self.use_graphs:
             self.captures += 1
-            return static_in, None, None
+            return static_in, None, None, fn
         device = next(t.device for t in static_in if t is not None)
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -77,7 +79,7 @@ class StaticGraphs:
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(*static_in)
         self.captures += 1
-        return static_in, out, graph
+        return static_in, out, graph, None
 
     def clear(self) -> None:
         self.entries.clear()

@@ -635,14 +635,16 @@ def test_graphs_take_this_packs_freeu_in_either_order(tiny, caplog, graph_mode, 
     caplog.set_level(logging.INFO)
     config = nfreeu.resolve_config("SDXL", "v1", 1.3, 1.4, 0.9, 0.2)
     before = deepcache(nfreeu.apply_freeu(tiny, config), interval=3)
-    after = nfreeu.apply_freeu(deepcache(tiny, interval=3), config)
+    plain = deepcache(tiny, interval=3)
+    without = sample(plain, steps=7)  # captured without FreeU: the FreeU clone below shares these graphs
+    after = nfreeu.apply_freeu(plain, config)
     outs = [sample(before, steps=7), sample(after, steps=7)]
     monkeypatch.setattr(ug, "GRAPH_MODE", "off")
     ref = sample(deepcache(nfreeu.apply_freeu(tiny, config), interval=3), steps=7)
-    assert all(torch.equal(o, ref) for o in outs)
-    expected = [4, 4, 0] if graph_mode == "plain" else [0, 0, 0]
+    assert all(torch.equal(o, ref) for o in outs) and not torch.equal(without, ref)
+    expected = [4, 4, 4, 0] if graph_mode == "plain" else [0, 0, 0, 0]
     assert replayed(caplog) == expected
-    assert replayed(caplog, FULL_REPLAYED) == ([3, 3, 0] if graph_mode == "plain" else [0, 0, 0])
+    assert replayed(caplog, FULL_REPLAYED) == ([3, 3, 3, 0] if graph_mode == "plain" else [0, 0, 0, 0])
 
 
 def test_graph_safe_patches_need_every_patch_marked():

@@ -730,15 +730,21 @@ def test_forward_graph_stands_aside_for_patches_and_inner_wrappers(plain_graphs,
 
 
 def test_forward_graph_takes_this_packs_freeu(plain_graphs, monkeypatch, caplog):
-    """SDXLOpt FreeU's patch is graph-safe: an fp8 model with it still replays every call, as eager."""
+    """SDXLOpt FreeU's patch is graph-safe: an fp8 model with it still replays every call, as eager, and its
+    graph is not the one of the model without FreeU (they share the graphs: the patches are in the key)."""
     from sdxl_optimizer.nodes import freeu as nfreeu
 
     caplog.set_level(logging.INFO)
-    m = nfreeu.apply_freeu(loaded_like_the_loaders(), nfreeu.resolve_config("SDXL", "v1", 1.3, 1.4, 0.9, 0.2))
-    out = sample(m)
+    plain = loaded_like_the_loaders()
+    m = nfreeu.apply_freeu(plain, nfreeu.resolve_config("SDXL", "v1", 1.3, 1.4, 0.9, 0.2))
+    graphs = m.model_options["transformer_options"][nfp8.GRAPH_KEY].graphs
+    assert plain.model_options["transformer_options"][nfp8.GRAPH_KEY].graphs is graphs  # clones share graphs
+    without, out = sample(plain), sample(m)  # the same shapes and weights: the patches tell the graphs apart
+    assert graphs.captures == 2
     monkeypatch.setattr(plain_graphs, "GRAPH_MODE", "off")
-    assert torch.equal(out, sample(m))
-    assert graph_lines(caplog) == [(4, 4)]
+    assert torch.equal(out, sample(m)) and torch.equal(without, sample(plain))
+    assert not torch.equal(out, without)
+    assert graph_lines(caplog) == [(4, 4)] * 2
 
 
 def test_a_refused_capture_warns_and_samples_eagerly(plain_graphs, monkeypatch, caplog):

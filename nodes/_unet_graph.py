@@ -154,6 +154,28 @@ def replay(state, kind: str, fn, inputs: tuple, key: Hashable, log: logging.Logg
         return None
 
 
+def graphed_full_call(state, executor, call: dict, extra: dict, own_key: str, body, log: logging.Logger, who: str):
+    """A whole UNet call, run through the host's forward (`executor`), replayed as one CUDA graph: at capture
+    body(executor, x, timesteps, context, y, options) runs with the call's transformer_options less `own_key`
+    (the caller's per-run state: not held by the graph). Its result (the graph's buffers: clone what is kept),
+    or None where the call does not qualify (may_graph with the executor, roomy, plain weights) or the capture
+    was refused."""
+    x, topts = call["x"], call["transformer_options"]
+    if not may_graph(state, "full", call, extra, executor) or not roomy(state, x):
+        return None
+    unet = executor.class_obj
+    key = run_weights_key(state, ("full", id(unet)), full_layers(unet), x)
+    if key is None:
+        return None
+    options = {k: v for k, v in topts.items() if k != own_key}
+
+    def full(x, timesteps, context, y):
+        return body(executor, x, timesteps, context, y, options)
+
+    return replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key, log,
+                  who, topts)
+
+
 def release_on_detach(model, key: str) -> None:
     """When the host unloads `model` from the device (ModelPatcher.detach with unpatch_all: another model needs
     the memory, or everything is unloaded), drop the graphs of transformer_options[key] with their memory pool,

@@ -35,11 +35,10 @@ from ._run import per_run_wrapper
 from ._unet_graph import (
     ARG_NAMES,
     bind_unet_args,
-    full_layers,
+    graphed_full_call,
     may_graph,
     release_on_detach,
     replay,
-    roomy,
     run_weights_key,
 )
 
@@ -249,27 +248,21 @@ def _graphed_shallow(state: DeepCacheState, unet, cached: torch.Tensor, n_input:
     return out.clone()  # the graph's output buffer is rewritten by the next replay
 
 
-def _graphed_full(state: DeepCacheState, executor, unet, first_output: int, call: dict,
+def _graphed_full(state: DeepCacheState, executor, first_output: int, call: dict,
                   extra: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A full call replayed as a CUDA graph, with the deep features it caches: (output, features), or None when
     it does not qualify: as `_graphed_shallow`, plus DeepCache's is the innermost UNet wrapper (any wrapper
     after it would be frozen) and the device has FREE_MEMORY_MIN free at the first call of the run. The
     graph runs the host's own forward (the executor) with the feature-copying patch; one launch instead of
     ~2,000 on SDXL."""
-    if not FULL_GRAPHS or not may_graph(state, "full", call, extra, executor) or not roomy(state, call["x"]):
+    if not FULL_GRAPHS:
         return None
-    x, topts = call["x"], call["transformer_options"]
-    key = run_weights_key(state, ("full", id(unet)), full_layers(unet), x)
-    if key is None:
-        return None
-    options = {k: v for k, v in topts.items() if k != KEY}
 
-    def full(x, timesteps, context, y):
+    def full(executor, x, timesteps, context, y, options):
         sink = [first_output, None]
         return executor(x, timesteps, context, y, None, with_capture_patch(options, sink)), sink[1]
 
-    outs = replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key, log,
-                  "SDXLOpt DeepCache", topts)
+    outs = graphed_full_call(state, executor, call, extra, KEY, full, log, "SDXLOpt DeepCache")
     if outs is None or outs[1] is None:
         return None
     state.full_graph_replays += 1
@@ -313,7 +306,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
 
     sink = [first_output, None]
     graphed = None if topts.get(COMPILE_KEY) is not None or unknown else \
-        _graphed_full(state, executor, unet, first_output, call, extra)
+        _graphed_full(state, executor, first_output, call, extra)
     if graphed is not None:
         out, sink[1] = graphed
     else:

@@ -29,7 +29,7 @@ from ..ops.cuda_graphs import GraphRunState
 from . import CATEGORY
 from ._layers import host_free
 from ._run import per_run_wrapper
-from ._unet_graph import bind_unet_args, full_layers, may_graph, release_on_detach, replay, roomy, run_weights_key
+from ._unet_graph import bind_unet_args, graphed_full_call, release_on_detach
 
 log = logging.getLogger(__name__)
 
@@ -271,19 +271,11 @@ def forward_graph_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     call, extra = bound
     state.calls += 1
-    x, topts = call["x"], call["transformer_options"]
-    if not may_graph(state, "full", call, extra, executor) or not roomy(state, x):
-        return executor(*args, **kwargs)
-    key = run_weights_key(state, ("full", id(executor.class_obj)), full_layers(executor.class_obj), x)
-    if key is None:
-        return executor(*args, **kwargs)
-    options = {k: v for k, v in topts.items() if k != GRAPH_KEY}  # the state is per run: not held by the graph
 
-    def full(x, timesteps, context, y):
+    def full(executor, x, timesteps, context, y, options):
         return executor(x, timesteps, context, y, None, dict(options))
 
-    out = replay(state, "full", full, (x, call.get("timesteps"), call.get("context"), call.get("y")), key, log,
-                 "SDXLOpt FP8", topts)
+    out = graphed_full_call(state, executor, call, extra, GRAPH_KEY, full, log, "SDXLOpt FP8")
     if out is None:
         return executor(*args, **kwargs)
     state.replays += 1

@@ -111,12 +111,8 @@ def _peak_gib(ctx: BenchContext, model) -> tuple[float, float, float]:
     torch.cuda.empty_cache()
     residue = torch.cuda.memory_allocated() / GIB
     ctx.sample(model)
-    ctx.sync()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    ctx.sample(model)
-    ctx.sync()
-    return torch.cuda.max_memory_allocated() / GIB, residue, torch.cuda.max_memory_reserved() / GIB
+    held = ctx.held_gib(lambda: ctx.sample(model))  # resets the peak statistics before its run
+    return torch.cuda.max_memory_allocated() / GIB, residue, held
 
 
 def run(ctx: BenchContext) -> None:

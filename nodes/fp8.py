@@ -182,10 +182,11 @@ def _group_eligible(layer, device: torch.device) -> bool:
 GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
 
 
-# models attached from here on upcast each group with one Triton kernel where it works. Off by default: the
-# kernel halves the upcast's GPU time (61 vs 127 us per SDXL block on an H100) but whole sampler steps were
-# not faster in two interleaved runs (1.109x vs 1.068x stock fp16 per step with the per-weight copies;
-# bench/results/gpu_fp8_kernel_h100_b.md), the step being bound by the host
+# the one-kernel Triton upcast per group (61 vs 127 us per SDXL block on an H100) is made wherever it works
+# and used inside whole-call graph captures (GPU time is what counts there). BATCHED_UPCAST: also in each
+# group's own graph on eager calls, for models attached from here on. Off: whole eager sampler steps were not
+# faster in two interleaved runs (1.109x vs 1.068x stock fp16 per step with the per-weight copies;
+# bench/results/gpu_fp8_kernel_h100_b.md), the eager step being bound by the host
 BATCHED_UPCAST = False
 # attention projections of one input as one matmul (see _projection_chains); SDXLOPT_FP8_JOIN=0 switches it
 # off for models loaded from then on (a diagnostic switch: same results, more host time)
@@ -241,7 +242,7 @@ def attach_upcast_groups(model) -> int:
                     "weight (same result, more host time per step).", why)
 
     groups = []
-    scratch = fp8_groups.UpcastScratch(dm, 0, on_disable, batched=batched_upcast if BATCHED_UPCAST else None)
+    scratch = fp8_groups.UpcastScratch(dm, 0, on_disable, batched=batched_upcast, batched_eager=BATCHED_UPCAST)
     for block, layers in planned:
         chains = _projection_chains(block, layers) if JOIN_PROJECTIONS else []
         g = fp8_groups.UpcastGroup(layers, scratch, _group_eligible, chains)

@@ -29,6 +29,16 @@ from typing import Any
 
 import torch
 
+_KEEP: list[list] = []  # per capture in progress: objects its graph reads by address (see keep_alive)
+
+
+def keep_alive(*objs: Any) -> None:
+    """Called by code running inside a StaticGraphs capture: keep `objs` (a buffer, a kernel's address table)
+    alive as long as the graph being captured, which reads them by address at every replay whatever their
+    owner does with them later. Outside a capture: nothing."""
+    if _KEEP:
+        _KEEP[-1].extend(objs)
+
 
 class StaticGraphs:
     def __init__(self, limit: int = 4, use_graphs: bool = True) -> None:
@@ -50,7 +60,7 @@ class StaticGraphs:
                 self.entries.popitem(last=False)
         else:
             self.entries.move_to_end(full_key)
-        static_in, out, graph, captured = entry
+        static_in, out, graph, captured, _kept = entry
         for s, t in zip(static_in, inputs):
             if s is not None:
                 s.copy_(t)
@@ -65,7 +75,7 @@ class StaticGraphs:
         static_in = tuple(None if t is None else t.detach().clone() for t in inputs)
         if not self.use_graphs:
             self.captures += 1
-            return static_in, None, None, fn
+            return static_in, None, None, fn, ()
         device = next(t.device for t in static_in if t is not None)
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -76,10 +86,14 @@ class StaticGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = fn(*static_in)
+        _KEEP.append([])
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = fn(*static_in)
+        finally:
+            kept = tuple(_KEEP.pop())
         self.captures += 1
-        return static_in, out, graph, None
+        return static_in, out, graph, None, kept
 
     def clear(self) -> None:
         self.entries.clear()

@@ -365,7 +365,9 @@ def fused_available(device: torch.device | str, dtype: torch.dtype) -> tuple[boo
 # Multi-tensor upcast (Triton): many fp8 weights -> their compute-dtype copies in one kernel launch
 # ---------------------------------------------------------------------------------------------------------
 
-UPCAST_BLOCK = 16384  # elements per program: one table row per this many elements of a weight
+UPCAST_BLOCK = 8192  # elements per program (one table row); 8192 x 8 warps: 45 us per SDXL block on an H100, 2.3 TB/s
+# (16384 x 8: 61 us; bench/results/micro_fp8_upcast_sweep_h100.txt)
+UPCAST_WARPS = 8
 
 
 @functools.cache
@@ -423,14 +425,14 @@ def upcast_table(pairs, block: int = UPCAST_BLOCK) -> list[int]:
 
 
 def triton_upcast_many(table: torch.Tensor, src_dtype: torch.dtype, dst_dtype: torch.dtype,
-                       block: int = UPCAST_BLOCK) -> None:
+                       block: int = UPCAST_BLOCK, num_warps: int = UPCAST_WARPS) -> None:
     """Run the multi-tensor upcast over an int64 table from upcast_table (on the tensors' device)."""
     if dst_dtype not in (torch.float16, torch.bfloat16) or not is_fp8(src_dtype):
         raise ValueError(f"expected fp8 -> float16/bfloat16, got {src_dtype} -> {dst_dtype}")
     kernel = _upcast_kernel()
     kernel[(table.numel() // 3,)](table, SRC_E5M2=src_dtype == FP8_DTYPES.get("float8_e5m2"),
                                   DST_BF16=dst_dtype == torch.bfloat16, BLOCK=block, ALIGN=UPCAST_ALIGN,
-                                  num_warps=8)
+                                  num_warps=num_warps)
 
 
 SWITCHED_OFF = "fused matmul switched off"

@@ -24,11 +24,18 @@ layer's attributes or parameters change (`bump_epoch`). Any failure to capture s
 that model with one logged line. Under torch.compile the hooks do nothing (the compiler fuses the upcasts).
 
 One kernel per block: where the caller gives the scratch a `batched` factory (nodes/fp8.py: the Triton
-multi-tensor upcast of ops/fp8.py, on GPUs where the fp8 Triton kernels pass their self-test), a group's
-graph holds that one kernel instead of one torch copy per weight: fewer graph nodes to launch, and a
-conversion near memory bandwidth (torch's fp8 copy runs at ~1 TB/s on an H100). It is run once before the
-capture; if it fails, the copies take over for the whole scratch with one logged line. (The loaders leave
-it off for now: whole eager steps were not faster with it on a lent H100, the step being host-bound.)
+multi-tensor upcast of ops/fp8.py, on GPUs where the fp8 Triton kernels pass their self-test), each group
+makes that one-kernel launch when it builds its views (run once there; if it fails, the copies take over for
+the whole scratch with one logged line). Its conversion runs near memory bandwidth (61 against 127 us per
+SDXL block for torch's fp8 copies on an H100). Where it is used:
+- inside the capture of a larger graph (a whole UNet call, nodes/_unet_graph.py), which cannot launch the
+  group's own graph: a group built by an eager call before (the capture's warm-up) puts its one kernel into
+  the larger graph, and the graph keeps the launch's address table and the scratch alive
+  (ops/cuda_graphs.keep_alive). There GPU time is what counts, and the per-layer copies it replaces cost
+  ~8 ms per batch-2 1024x1024 forward on an H100. A group not yet built, or with no launch, stands aside
+  and its layers upcast themselves inside the capture, as before.
+- in the group's own graph only with `batched_eager` (off in the loaders: whole eager steps were not faster
+  with it on a lent H100, the step being host-bound).
 
 Shared projections: attention's q/k/v projections read the same input (k/v alone in cross-attention). A
 group can be told such chains of members (`chains`: member indices, lead first); when every member of a
@@ -50,6 +57,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .compiling import is_compiling as _is_compiling
+from .cuda_graphs import keep_alive
 
 # a group holds at most this many weights: one SDXL transformer block (34.7 M) or 1280-channel res block (31 M);
 # the shared scratch is this size in the compute dtype (~70 MB in fp16)
@@ -101,11 +109,13 @@ class UpcastScratch:
     with it instead of leaving it on the GPU; a moved buffer has a new address, so every group re-captures."""
 
     def __init__(self, root: torch.nn.Module, capacity: int, on_disable: Callable[[str], None] | None = None,
-                 use_graphs: bool = True, batched: Callable | None = None) -> None:
+                 use_graphs: bool = True, batched: Callable | None = None, batched_eager: bool = False) -> None:
         self.capacity = capacity  # elements
         # batched(pairs of (fp8 weight, scratch view)) -> a zero-argument launch doing all of a group's upcasts
-        # in one kernel, or None where it cannot; captured into the group's graph instead of one copy per weight
+        # in one kernel, or None where it cannot; what a group puts into a larger graph's capture, and into its
+        # own graph instead of one copy per weight with batched_eager
         self.batched = batched
+        self.batched_eager = batched_eager
         self.root = root
         self.root.register_buffer(BUFFER_NAME, None, persistent=False)
         self.live: UpcastGroup | None = None
@@ -144,11 +154,19 @@ class UpcastScratch:
         return self.buffer
 
     def accepts(self, device: torch.device) -> bool:
-        """CUDA graphs need a CUDA device; elsewhere each layer upcasts itself (no launch overhead to save), as
-        it does inside the capture of a larger graph (a whole UNet call: no graph launch inside a capture)."""
-        if not self.use_graphs:
-            return True
-        return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+        """CUDA graphs need a CUDA device; elsewhere each layer upcasts itself (no launch overhead to save)."""
+        return not self.use_graphs or device.type == "cuda"
+
+    def capturing(self, device: torch.device) -> bool:
+        """Inside the capture of a larger graph on `device` (no graph launch possible: see UpcastGroup.activate)."""
+        return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def ready(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The buffer if it exists for `device` and `dtype` (never allocates: for use inside a capture)."""
+        b = self.buffer
+        if b is None or b.device != device or b.dtype != dtype or b.numel() < self.capacity:
+            return None
+        return b
 
     def disable(self, why: str) -> None:
         if self.disabled is None:
@@ -182,9 +200,12 @@ class UpcastGroup:
         self.mask_for: tuple | None = None  # (epoch, device) the mask was computed for
         self.key: tuple | None = None  # what the views / graph were made for
         self.graph = None
+        # the one-kernel upcast made at the last build (None: none); holds the address table its kernel reads,
+        # so it lives as long as the group's graph (and any larger graph that captured it keeps it: keep_alive)
         self.launch = None
         self.replays = 0
         self.captures = 0
+        self.captured_into = 0  # times its one kernel went into a larger graph's capture
 
     @property
     def numel(self) -> int:
@@ -262,9 +283,11 @@ class UpcastGroup:
             self.mask_for = (_EPOCH[0], device)
         if not any(self.mask):
             return
+        if scratch.capturing(device):
+            self._activate_in_capture(device, dtype)
+            return
         buffer = scratch.get(device, dtype)
-        ptrs = tuple([p["weight"].data_ptr() if ok else 0 for p, ok in zip(self.params, self.mask)])
-        key = (buffer.data_ptr(), dtype, ptrs)
+        key = self._key(buffer, dtype)
         if key != self.key and not self._build(buffer, key):
             return
         if self.graph is not None:
@@ -277,8 +300,25 @@ class UpcastGroup:
         self.live = True
         scratch.live = self
 
+    def _key(self, buffer: torch.Tensor, dtype: torch.dtype) -> tuple:
+        ptrs = tuple([p["weight"].data_ptr() if ok else 0 for p, ok in zip(self.params, self.mask)])
+        return buffer.data_ptr(), dtype, ptrs
+
+    def _activate_in_capture(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Inside the capture of a larger graph: the one-kernel launch this group made for exactly these
+        weights and this scratch goes into that graph, which keeps both alive. Nothing is built or allocated
+        here; without a matching launch the group stands aside (its layers upcast themselves)."""
+        buffer = self.scratch.ready(device, dtype)
+        if buffer is None or self.launch is None or self._key(buffer, dtype) != self.key:
+            return
+        self.launch()
+        keep_alive(self.launch, buffer)
+        self.captured_into += 1
+        self.live = True
+        self.scratch.live = self
+
     def _build(self, buffer: torch.Tensor, key: tuple) -> bool:
-        self.key, self.graph = None, None
+        self.key, self.graph, self.launch = None, None, None
         self.views = [None] * len(self.layers)
         self.joined = {}
         views: list[torch.Tensor | None] = []
@@ -293,6 +333,7 @@ class UpcastGroup:
         if offset > buffer.numel():  # cannot happen with the planned capacity; never write past the buffer
             self.scratch.disable(f"a group needs {offset} elements, the scratch holds {buffer.numel()}")
             return False
+        self.launch = self._batched_launch(views)  # run once here: compiled and checked outside any capture
         if self.scratch.use_graphs:
             try:
                 self.graph = self._capture(views, buffer.device)
@@ -323,11 +364,10 @@ class UpcastGroup:
         side = torch.cuda.Stream(device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            launch = self._batched_launch(views)  # run once here: compiled and checked outside the capture
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                if launch is not None:
-                    launch()
+                if self.launch is not None and self.scratch.batched_eager:
+                    self.launch()
                 else:
                     for v, m in zip(views, self.layers):
                         if v is not None:
@@ -335,7 +375,6 @@ class UpcastGroup:
             finally:
                 graph.capture_end()
         current.wait_stream(side)
-        self.launch = launch  # what the graph's kernel reads (its address table) lives as long as the graph
         return graph
 
     def _batched_launch(self, views: list[torch.Tensor | None]) -> Callable[[], None] | None:

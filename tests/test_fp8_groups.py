@@ -353,3 +353,58 @@ def test_batched_launch_runs_once_before_capture_and_a_failure_falls_back(caplog
     assert rows[2::3] == [min(96, pairs[0][0].numel() - o) for o in range(0, pairs[0][0].numel(), 96)]
     with pytest.raises(ValueError, match="aligned"):
         ofp8.upcast_table([(pairs[0][0].flatten()[1:], pairs[0][1].flatten()[1:])], block=96)
+
+
+def test_inside_a_larger_capture_each_group_puts_its_one_kernel_in_and_keeps_it_alive(monkeypatch):
+    """Inside the capture of a whole UNet call (nodes/_unet_graph.py) a group cannot launch its own graph: the
+    one-kernel upcast it made at its last eager build goes into the larger graph, which keeps the launch and
+    the scratch alive. A group whose weights moved since, or a scratch not made yet, stands aside (its layers
+    upcast themselves): nothing is built or allocated inside a capture. The result never changes."""
+    from sdxl_optimizer.ops import cuda_graphs
+
+    inp = bridge.random_unet_inputs(4, batch=1, size=8)
+    ref = run(tiny_fp8(grouped=False), inp)
+    m = tiny_fp8()
+    launched: list[int] = []
+
+    def factory(pairs):  # stands in for the Triton kernel: the same copies, counted
+        def launch():
+            launched.append(len(pairs))
+            for w, v in pairs:
+                v.copy_(w)
+        return launch
+
+    scratch(m).batched = factory
+    assert same(run(m, inp), ref)  # eager: builds every group and its launch (run once there)
+    gs = groups(m)
+    assert all(g.launch is not None for g in gs) and len(launched) == len(gs)
+    assert not scratch(m).batched_eager, "the loaders' eager groups keep one copy per weight"
+
+    def captured_forward() -> tuple[torch.Tensor, list]:
+        monkeypatch.setattr(fp8_groups.UpcastScratch, "capturing", lambda self, device: True)
+        cuda_graphs._KEEP.append([])
+        try:
+            out = run(m, inp)
+        finally:
+            kept = cuda_graphs._KEEP.pop()
+            monkeypatch.undo()
+        return out, kept
+
+    launched.clear()
+    out, kept = captured_forward()
+    assert same(out, ref)
+    assert len(launched) == len(gs) and all(g.captured_into == 1 for g in gs)
+    assert all(any(k is g.launch for k in kept) for g in gs) and any(k is scratch(m).buffer for k in kept)
+
+    moved = gs[0].layers[0]  # a weight replaced at another address since the last build (a LoRA merged)
+    moved.weight = torch.nn.Parameter(moved.weight.detach().clone(), requires_grad=False)
+    launched.clear()
+    out, kept = captured_forward()
+    assert same(out, ref)
+    assert gs[0].captured_into == 1 and len(launched) == len(gs) - 1, "a stale group must stand aside"
+    assert same(run(m, inp), ref) and gs[0].launch is not None  # the next eager call rebuilds it
+
+    scratch(m).buffer = None
+    launched.clear()
+    out, kept = captured_forward()
+    assert same(out, ref) and not launched and not kept and scratch(m).buffer is None

@@ -6,7 +6,9 @@ Rows (full mode: SDXL with random weights, 1024x1024, Euler, 50 steps, cfg 5, on
                                     what UNETLoader's weight_dtype=fp8_e4m3fn does (every weight fp8, manual cast)
   ours e4m3fn, per-layer upcast     our custom_operations, fused matmul off, no grouped upcast
   ours e4m3fn, loader default       what the SDXLOpt FP8 loaders give: every UNet call that qualifies replayed
-                                    as one CUDA graph (nodes/_unet_graph.py); eager calls use the grouped upcast
+                                    as one CUDA graph (nodes/_unet_graph.py) holding one Triton upcast kernel
+                                    per block (ops/fp8_groups.py); eager calls use the grouped upcast
+  ours e4m3fn, whole-call graph, one copy per weight   the same graph with one torch copy per weight inside it
   ours e4m3fn, eager (grouped ...)  the same model without the whole-call graph: the grouped upcast (one CUDA
                                     graph replay per block holding one torch copy per weight, ops/fp8_groups.py,
                                     and joined attention projections): like for like with stock fp16 eager
@@ -119,7 +121,7 @@ def run(ctx: BenchContext) -> None:
     """Every timed path (stock fp16 included) runs interleaved in rounds (A B C, A B C, ...; median), because
     eager SDXL on a fast GPU is launch-bound and drifts between minutes by more than the differences measured
     here; each row's peak comes from a separate run with only that model loaded."""
-    from sdxl_optimizer.nodes.fp8 import attach_forward_graph, attach_upcast_groups, fp8_operations
+    from sdxl_optimizer.nodes.fp8 import GROUPS_ATTR, attach_forward_graph, attach_upcast_groups, fp8_operations
     from sdxl_optimizer.ops import fp8 as ofp8
 
     base = ctx.base_model()
@@ -140,8 +142,12 @@ def run(ctx: BenchContext) -> None:
         if short == "e4m3fn":
             variants.append((f"ours {short}, loader default", {"custom_operations": fp8_operations(
                 upcast.storage_dtype, False), "grouped": True, "graph": True},
-                upcast.describe() + ", each UNet call replayed as one CUDA graph (eager calls: grouped upcast)",
-                True))
+                upcast.describe() + ", each UNet call replayed as one CUDA graph holding one Triton upcast "
+                "kernel per block (eager calls: grouped upcast)", True))
+            variants.append((f"ours {short}, whole-call graph, one copy per weight", {"custom_operations":
+                fp8_operations(upcast.storage_dtype, False), "grouped": True, "graph": True, "copies": True},
+                upcast.describe() + ", each UNet call replayed as one CUDA graph, one torch copy per weight "
+                "inside it (the loaders before this release)", True))
             variants.append((f"ours {short}, eager (grouped upcast)", {"custom_operations": fp8_operations(
                 upcast.storage_dtype, False), "grouped": True},
                 upcast.describe() + ", eager: grouped upcast, one CUDA graph replay per block (one copy per "
@@ -166,9 +172,12 @@ def run(ctx: BenchContext) -> None:
             options = dict(options)
             grouped = options.pop("grouped", False)
             graph = options.pop("graph", False)
+            copies = options.pop("copies", False)
             model = _build(ctx, sd, options)
             if grouped:  # as the loaders do (on the fused rows it groups the convs)
                 attach_upcast_groups(model)
+            if copies:  # no one-kernel upcast for this model: per-weight copies inside the whole-call graph
+                model.model.diffusion_model.__dict__[GROUPS_ATTR][0].scratch.batched = None
             if graph:
                 attach_forward_graph(model)
             err = _rel_err(_forward(model, inp), ref)

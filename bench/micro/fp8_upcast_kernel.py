@@ -68,6 +68,35 @@ def main() -> None:
         print(f"{name:22s} {gpu * 1e6:8.1f} us per block upcast ({moved / gpu / 1e12:5.2f} TB/s effective), "
               f"host {host * 1e6:6.1f} us per call")
     print(f"one block: {numel / 1e6:.1f} M weights, {len(weights)} tensors, {table.numel() // 3} table rows")
+    # the kernel's launch shape: elements per program (one table row) x warps, each as a graph replay
+    print(f"sweep (graph replays; default block {ofp8.UPCAST_BLOCK}, {ofp8.UPCAST_WARPS} warps):")
+    for block in (4096, 8192, 16384, 32768, 65536):
+        t = torch.tensor(ofp8.upcast_table(list(zip(weights, views)), block=block), dtype=torch.int64, device=dev)
+        for warps in (4, 8, 16, 32):
+            scratch.fill_(0)
+            try:
+                fn = graph_of(lambda t=t, b=block, w=warps: ofp8.triton_upcast_many(
+                    t, torch.float8_e4m3fn, torch.float16, block=b, num_warps=w))
+            except Exception as e:  # a shape Triton refuses: say so, go on
+                print(f"  block {block:6d} warps {warps:2d}: failed ({type(e).__name__})")
+                continue
+            exact = all(torch.equal(v, w.to(torch.float16)) for v, w in zip(views, weights))
+            gpu = _gpu_time(fn)
+            print(f"  block {block:6d} warps {warps:2d}: {gpu * 1e6:7.1f} us ({moved / gpu / 1e12:5.2f} TB/s), "
+                  f"exact {exact}")
+
+
+def _gpu_time(run, reps: int = 200) -> float:
+    for _ in range(20):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / 1e3
 
 
 if __name__ == "__main__":

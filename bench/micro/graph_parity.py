@@ -10,6 +10,7 @@ max |graph - eager| / max |eager| of the final latent and how many calls replaye
 DeepCache with a LoRA-like weight patch (new weight addresses: new captures); the same DeepCache node after the
 host unloaded every model (graphs dropped, captured again); the fp8 loaders' model (whole-call graph) alone,
 with a CFG cutoff, and under DeepCache; DeepCache and the fp8 model with SDXLOpt FreeU (a graph-safe patch).
+The fp8 rows also say how many upcast groups put their one-kernel Triton upcast into a whole-call graph.
 Exit status 1 if any differs by more than 1e-3.
 """
 from __future__ import annotations
@@ -89,8 +90,11 @@ def main() -> int:
         replays = [m.group(0) for s in lines for m in [re.search(r"\d+ of them replayed.*|\d+/\d+ UNet calls replayed.*", s)] if m]
         ok = err <= TOL and torch.isfinite(out).all()
         failed += not ok
-        print(f"{'PASS' if ok else 'FAIL'} {name}: max |graph - eager| / max |eager| = {err:.2e}; {replays[:2]}",
-              flush=True)
+        groups = fp8.model.diffusion_model.__dict__[nfp8.GROUPS_ATTR]
+        kernels = f"; fp8 groups with their Triton upcast in a whole-call graph so far: " \
+                  f"{sum(g.captured_into > 0 for g in groups)} of {len(groups)}" if "fp8" in name else ""
+        print(f"{'PASS' if ok else 'FAIL'} {name}: max |graph - eager| / max |eager| = {err:.2e}; {replays[:2]}"
+              f"{kernels}", flush=True)
     print(f"{len(stacks) - failed} of {len(stacks)} stacks equal eager within {TOL}")
     return 1 if failed else 0
 

@@ -77,12 +77,15 @@ def plain_weights_key(layers, x: torch.Tensor) -> tuple | None:
     return _addresses(layers)
 
 
-OWN_BUFFERS = "_sdxlopt_"  # buffers of this pack's (the fp8 upcast scratch): never read inside a capture
+# buffers of this pack's (the fp8 upcast scratch): not part of the key. A graph that captured the grouped
+# upcast keeps the scratch it wrote and read alive (ops/cuda_graphs.keep_alive), so it stays right even after
+# the model's scratch is replaced; the weights it reads are in the key
+OWN_BUFFERS = "_sdxlopt_"
 
 
 def _addresses(layers) -> tuple:
-    """The addresses a graph of these layers reads: parameters and buffers (not this pack's own buffers: the
-    grouped fp8 upcast stands aside inside a capture, and its scratch is made at the first forward)."""
+    """The addresses a graph of these layers reads: parameters and buffers (not this pack's own buffers: see
+    OWN_BUFFERS)."""
     return tuple(t.data_ptr() for m in layers
                  for t in (*m._parameters.values(), *(b for n, b in m._buffers.items() if not n.startswith(OWN_BUFFERS)))
                  if t is not None)

@@ -195,13 +195,13 @@ JOIN_PROJECTIONS = os.environ.get("SDXLOPT_FP8_JOIN", "1") != "0"
 
 def batched_upcast(pairs):
     """The grouped upcast's one-kernel path (ops/fp8.py triton_upcast_many) for (fp8 weight, view) pairs on
-    a CUDA device where the fp8 Triton kernels passed their self-test; None elsewhere (one copy per weight)."""
+    a CUDA device where that kernel passed its self-test; None elsewhere (one copy per weight)."""
     if not pairs:
         return None
     src_dtype, dst = pairs[0][0].dtype, pairs[0][1]
     if dst.device.type != "cuda" or any(s.dtype != src_dtype or d.dtype != dst.dtype for s, d in pairs):
         return None
-    if not fp8ops.fused_available(dst.device, src_dtype)[0]:
+    if not fp8ops.upcast_available(dst.device, src_dtype, dst.dtype):
         return None
     table = torch.tensor(fp8ops.upcast_table(pairs), dtype=torch.int64, device=dst.device)
     return lambda: fp8ops.triton_upcast_many(table, src_dtype, dst.dtype)
@@ -304,10 +304,14 @@ def attach_forward_graph(model) -> None:
 def _groups_text(model) -> str:
     """What the load line says about grouped upcasts (nothing where they cannot run: not CUDA, fused only)."""
     groups = model.model.diffusion_model.__dict__.get(GROUPS_ATTR)
-    if not groups or comfy.model_management.get_torch_device().type != "cuda":
+    device = comfy.model_management.get_torch_device()
+    if not groups or device.type != "cuda":
         return ""
+    storage = groups[0].layers[0].weight.dtype
+    inside = ("one Triton upcast kernel per block" if fp8ops.upcast_available(device, storage, torch.float16)
+              else "one copy per weight (the Triton upcast kernel cannot run here)")
     return (f"; other upcasts grouped: one CUDA graph replay per block ({len(groups)} blocks, "
-            f"{groups[0].scratch.capacity * 2 / 1e6:.0f} MB scratch)")
+            f"{groups[0].scratch.capacity * 2 / 1e6:.0f} MB scratch); inside whole-call graphs: {inside}")
 
 
 _OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}

@@ -324,23 +324,32 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return _fused_linear_impl(x, weight, bias)  # eager: skip the dispatcher's per-call overhead
 
 
-@functools.cache
-def _fused_status(device: str, dtype: torch.dtype) -> tuple[bool, str]:
-    dev = torch.device(device)
+def _triton_fp8_problem(dev: torch.device) -> str | None:
+    """Why this pack's fp8 Triton kernels cannot run on `dev` (None: they may; each still self-tests)."""
     if dev.type != "cuda" or not torch.cuda.is_available():
-        return False, f"{dev.type} device (the fused kernel is CUDA-only)"
+        return f"{dev.type} device (the Triton fp8 kernels are CUDA-only)"
     if getattr(torch.version, "hip", None):
-        return False, "ROCm build (the fused kernel targets NVIDIA fp8 conversion)"
+        return "ROCm build (the Triton fp8 kernels target NVIDIA fp8 conversion)"
     cap = torch.cuda.get_device_capability(dev)
     if cap < FUSED_MIN_CAPABILITY:
-        return False, (f"compute capability {cap[0]}.{cap[1]} < {FUSED_MIN_CAPABILITY[0]}.{FUSED_MIN_CAPABILITY[1]} "
-                       "(no native fp8 conversion)")
+        return (f"compute capability {cap[0]}.{cap[1]} < {FUSED_MIN_CAPABILITY[0]}.{FUSED_MIN_CAPABILITY[1]} "
+                "(no native fp8 conversion)")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return False, "TRITON_INTERPRET=1 is set"
+        return "TRITON_INTERPRET=1 is set"
     try:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install raising anything
-        return False, f"Triton unavailable ({type(e).__name__}: {e})"
+        return f"Triton unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.cache
+def _fused_status(device: str, dtype: torch.dtype) -> tuple[bool, str]:
+    dev = torch.device(device)
+    problem = _triton_fp8_problem(dev)
+    if problem is not None:
+        return False, problem
+    cap = torch.cuda.get_device_capability(dev)
     try:  # self-test: compile one tile and compare with the upcast reference
         gen = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(48, 80, device=dev, generator=gen).to(torch.float16)
@@ -422,6 +431,28 @@ def upcast_table(pairs, block: int = UPCAST_BLOCK) -> list[int]:
         for off in range(0, n, block):
             rows += [s0 + off * src.element_size(), d0 + off * dst.element_size(), min(block, n - off)]
     return rows
+
+
+@functools.cache
+def _upcast_status(device: str, src_dtype: torch.dtype, dst_dtype: torch.dtype) -> bool:
+    dev = torch.device(device)
+    if _triton_fp8_problem(dev) is not None:
+        return False
+    try:  # self-test: two weights (one spanning several rows) against .to()
+        gen = torch.Generator(device=dev).manual_seed(0)
+        ws = [quantize(torch.randn(n, device=dev, generator=gen), src_dtype) for n in (3000, 100)]
+        out = torch.full((3000 + 128,), -1.0, device=dev, dtype=dst_dtype)
+        pairs = [(ws[0], out[:3000]), (ws[1], out[3008:3108])]
+        triton_upcast_many(torch.tensor(upcast_table(pairs, block=1024), dtype=torch.int64, device=dev),
+                           src_dtype, dst_dtype, block=1024)
+        return all(torch.equal(d, w.to(dst_dtype)) for w, d in pairs) and bool((out[3000:3008] == -1).all())
+    except Exception:
+        return False
+
+
+def upcast_available(device: torch.device | str, src_dtype: torch.dtype, dst_dtype: torch.dtype) -> bool:
+    """Whether the multi-tensor upcast runs and gives exactly `.to()` on `device`; probed once per process."""
+    return _upcast_status(str(torch.device(device)), src_dtype, dst_dtype)
 
 
 def triton_upcast_many(table: torch.Tensor, src_dtype: torch.dtype, dst_dtype: torch.dtype,

@@ -349,6 +349,7 @@ def test_batched_launch_runs_once_before_capture_and_a_failure_falls_back(caplog
     assert len([r for r in caplog.records if "one-kernel grouped upcast failed" in r.getMessage()]) == 1
     pairs = [(layer.weight, v) for layer, v in zip(g.layers, g.views) if v is not None]
     assert nfp8.batched_upcast(pairs) is None, "CPU tensors: no Triton launch"
+    assert not ofp8.upcast_available("cpu", E4M3, torch.float16), "the kernel's probe: CUDA only"
     rows = ofp8.upcast_table(pairs[:1], block=96)
     assert rows[2::3] == [min(96, pairs[0][0].numel() - o) for o in range(0, pairs[0][0].numel(), 96)]
     with pytest.raises(ValueError, match="aligned"):

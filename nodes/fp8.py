@@ -182,12 +182,14 @@ def _group_eligible(layer, device: torch.device) -> bool:
 GROUPS_ATTR = "_sdxlopt_fp8_upcast_groups"
 
 
-# the one-kernel Triton upcast per group (61 vs 127 us per SDXL block on an H100) is made wherever it works
-# and used inside whole-call graph captures (GPU time is what counts there). BATCHED_UPCAST: also in each
-# group's own graph on eager calls, for models attached from here on. Off: whole eager sampler steps were not
-# faster in two interleaved runs (1.109x vs 1.068x stock fp16 per step with the per-weight copies;
-# bench/results/gpu_fp8_kernel_h100_b.md), the eager step being bound by the host
-BATCHED_UPCAST = False
+# the one-kernel Triton upcast per group (45 vs 127 us per SDXL block on an H100) is made wherever it passes
+# its self-test and used inside whole-call graph captures; BATCHED_UPCAST: also in each group's own graph on
+# eager calls, for models attached from here on (SDXLOPT_FP8_BATCHED=0: one torch copy per weight there). On:
+# eager forwards where the GPU is the bottleneck went from 1.03x to 0.99x stock fp16 (an H100 at batch 8),
+# and host-bound ones were no slower (1.08 vs 1.09x, 1.069 vs 1.069x at batch 2;
+# bench/results/micro_fp8_eager_batched_h100.txt). (An earlier kernel, 61 us per block, measured 1.109x vs
+# 1.068x per sampler step on a host-bound lease: bench/results/gpu_fp8_kernel_h100_b.md.)
+BATCHED_UPCAST = os.environ.get("SDXLOPT_FP8_BATCHED", "1") != "0"
 # attention projections of one input as one matmul (see _projection_chains); SDXLOPT_FP8_JOIN=0 switches it
 # off for models loaded from then on (a diagnostic switch: same results, more host time)
 JOIN_PROJECTIONS = os.environ.get("SDXLOPT_FP8_JOIN", "1") != "0"
@@ -307,11 +309,14 @@ def _groups_text(model) -> str:
     device = comfy.model_management.get_torch_device()
     if not groups or device.type != "cuda":
         return ""
-    storage = groups[0].layers[0].weight.dtype
-    inside = ("one Triton upcast kernel per block" if fp8ops.upcast_available(device, storage, torch.float16)
-              else "one copy per weight (the Triton upcast kernel cannot run here)")
-    return (f"; other upcasts grouped: one CUDA graph replay per block ({len(groups)} blocks, "
-            f"{groups[0].scratch.capacity * 2 / 1e6:.0f} MB scratch); inside whole-call graphs: {inside}")
+    scratch = groups[0].scratch
+    if fp8ops.upcast_available(device, groups[0].layers[0].weight.dtype, torch.float16):
+        in_graphs = "one Triton upcast kernel per block"
+        eager = in_graphs if scratch.batched_eager else "one copy per weight"
+    else:
+        in_graphs = eager = "one copy per weight (the Triton upcast kernel cannot run here)"
+    return (f"; other upcasts grouped ({len(groups)} blocks, {scratch.capacity * 2 / 1e6:.0f} MB scratch): eager "
+            f"calls replay one CUDA graph per block holding {eager}, whole-call graphs hold {in_graphs}")
 
 
 _OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}

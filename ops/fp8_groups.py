@@ -26,7 +26,7 @@ that model with one logged line. Under torch.compile the hooks do nothing (the c
 One kernel per block: where the caller gives the scratch a `batched` factory (nodes/fp8.py: the Triton
 multi-tensor upcast of ops/fp8.py, on GPUs where the fp8 Triton kernels pass their self-test), each group
 makes that one-kernel launch when it builds its views (run once there; if it fails, the copies take over for
-the whole scratch with one logged line). Its conversion runs near memory bandwidth (61 against 127 us per
+the whole scratch with one logged line). Its conversion runs near memory bandwidth (45 against 127 us per
 SDXL block for torch's fp8 copies on an H100). Where it is used:
 - inside the capture of a larger graph (a whole UNet call, nodes/_unet_graph.py), which cannot launch the
   group's own graph: a group built by an eager call before (the capture's warm-up) puts its one kernel into
@@ -34,8 +34,8 @@ SDXL block for torch's fp8 copies on an H100). Where it is used:
   (ops/cuda_graphs.keep_alive). There GPU time is what counts, and the per-layer copies it replaces cost
   ~8 ms per batch-2 1024x1024 forward on an H100. A group not yet built, or with no launch, stands aside
   and its layers upcast themselves inside the capture, as before.
-- in the group's own graph only with `batched_eager` (off in the loaders: whole eager steps were not faster
-  with it on a lent H100, the step being host-bound).
+- in the group's own graph with `batched_eager` (on in the loaders: eager forwards on an H100 went from 1.03x
+  to 0.99x stock fp16 where the GPU is the bottleneck, and were no slower where the host is).
 
 Shared projections: attention's q/k/v projections read the same input (k/v alone in cross-attention). A
 group can be told such chains of members (`chains`: member indices, lead first); when every member of a

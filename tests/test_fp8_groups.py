@@ -379,7 +379,7 @@ def test_inside_a_larger_capture_each_group_puts_its_one_kernel_in_and_keeps_it_
     assert same(run(m, inp), ref)  # eager: builds every group and its launch (run once there)
     gs = groups(m)
     assert all(g.launch is not None for g in gs) and len(launched) == len(gs)
-    assert not scratch(m).batched_eager, "the loaders' eager groups keep one copy per weight"
+    assert scratch(m).batched_eager == nfp8.BATCHED_UPCAST, "the loaders' eager groups use it too"
 
     def captured_forward() -> tuple[torch.Tensor, list]:
         monkeypatch.setattr(fp8_groups.UpcastScratch, "capturing", lambda self, device: True)

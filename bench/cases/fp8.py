@@ -8,9 +8,10 @@ Rows (full mode: SDXL with random weights, 1024x1024, Euler, 50 steps, cfg 5, on
   ours e4m3fn, loader default       what the SDXLOpt FP8 loaders give: every UNet call that qualifies replayed
                                     as one CUDA graph (nodes/_unet_graph.py) holding one Triton upcast kernel
                                     per block (ops/fp8_groups.py); eager calls use the grouped upcast
-  ours e4m3fn, whole-call graph, one copy per weight   the same graph with one torch copy per weight inside it
+  ours e4m3fn, whole-call graph, one copy per weight   the same graph (and the eager groups' graphs) with one
+                                    torch copy per weight inside it: the loaders before this release
   ours e4m3fn, eager (grouped ...)  the same model without the whole-call graph: the grouped upcast (one CUDA
-                                    graph replay per block holding one torch copy per weight, ops/fp8_groups.py,
+                                    graph replay per block holding one Triton upcast kernel, ops/fp8_groups.py,
                                     and joined attention projections): like for like with stock fp16 eager
   fp16 (stock) + our whole-call graph  the stock model with the same whole-call graph: like for like with the
                                     loader default (what the graph alone gives)
@@ -154,8 +155,8 @@ def run(ctx: BenchContext) -> None:
                 "inside it (the loaders before this release)", True))
             variants.append((f"ours {short}, eager (grouped upcast)", {"custom_operations": fp8_operations(
                 upcast.storage_dtype, False), "grouped": True},
-                upcast.describe() + ", eager: grouped upcast, one CUDA graph replay per block (one copy per "
-                "weight)", True))
+                upcast.describe() + ", eager: grouped upcast, one CUDA graph replay per block holding one "
+                "Triton upcast kernel", True))
         if fused.fused:
             variants.append((f"ours {short}, fused Triton matmul", {"custom_operations": fp8_operations(
                 fused.storage_dtype, True), "grouped": True}, fused.describe(), short == "e4m3fn" and TIME_FUSED))

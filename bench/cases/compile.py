@@ -12,6 +12,12 @@ Columns `compiled_calls` / `eager_calls` / `recompiles_mid_run` show that every 
 compiled path ran compiled and none compiled mid-sampling. DeepCache's shallow steps do not reach it (they run
 eager and are not counted) unless DeepCache puts them on the compiled path (docs/nodes/compile.md).
 
+Memory: every model is unloaded before each configuration (so a row's peak does not count the models of the
+rows before it; files before session 7 did count them: their fp8 row's 7.28 GiB held the fp16 base model
+too); `residue_gib` is what stayed allocated then (earlier rows' CUDA-graph pools), `model_peak_gib` the
+row's allocated peak minus it (replays allocate nothing: the graph pool's temporaries are not in it), and
+`model_held_gib` what the allocator held during one more run, pools included, minus what it held before the row.
+
 Unattended: a configuration that fails adds a FAILED row and the others go on; before each configuration
 the case checks its time budget (env SDXLOPT_BENCH_COMPILE_BUDGET_S, default 480 s, so that the case fits a
 10-minute command with the boot; full SDXL compiles in 60-90 s per graph, the estimate follows the first
@@ -29,7 +35,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..common import BenchContext
+from ..common import GIB, BenchContext
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +141,19 @@ def fp8_model(ctx: BenchContext, base, fused: bool) -> tuple[object, str]:
     return patcher, plan.describe()
 
 
+def _clean_start(ctx: BenchContext) -> tuple[float, float]:
+    """Unload every model (the rows before loaded theirs: without this, a row's peak counts them too) and return
+    what stays allocated and held (GiB): mostly the CUDA-graph pools of graphs compiled for earlier rows, kept by
+    the process-wide compile cache. A row's own figures are its peaks minus these."""
+    if ctx.device.type != "cuda":
+        return 0.0, 0.0
+    import torch
+
+    ctx.free_models()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB
+
+
 def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
     backend, mode = ("inductor", "reduce-overhead") if cuda else ("aot_eager", "default")
     # off CUDA only the first row traces (aot_eager); the rest show the eager fallback of the node's default
@@ -177,6 +196,10 @@ def run(ctx: BenchContext) -> None:
     t_start = time.perf_counter()
     cuda = ctx.device.type == "cuda"
     base = ctx.base_model()
+    if cuda:  # built on the device: hand it to ComfyUI, so that unloading before each row offloads it too
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([base])
     steps = ctx.steps
     per_graph_s = EST_GRAPH_S
     for v in variants(ctx, base, cuda):
@@ -188,6 +211,7 @@ def run(ctx: BenchContext) -> None:
                               f"{BUDGET_S:.0f} s; raise SDXLOPT_BENCH_COMPILE_BUDGET_S)")
             continue
         try:
+            residue, residue_held = _clean_start(ctx)
             model = v.build()
             t0 = time.perf_counter()
             ctx.sample(model)  # the first run: compiles what this configuration needs
@@ -206,12 +230,15 @@ def run(ctx: BenchContext) -> None:
                 return out
 
             m = ctx.measure(once)
+            held = ctx.held_gib(lambda m=model: ctx.sample(m))  # counts the CUDA-graph pool a replay runs in
             per_call = call_ms_by_batch(calls) if cuda else {}
             last = later[-1]
             if first.warmup_graphs and first.warmup_seconds > 0:
                 per_graph_s = first.warmup_seconds / first.warmup_graphs
             notes = "; ".join([*v.notes[-1:], *first.fallbacks])
             ctx.add_row(CASE, v.name, m, steps=steps, config=v.config,
+                        residue_gib=round(residue, 3), model_peak_gib=round(m.peak_gib - residue, 3),
+                        model_held_gib=round(held - residue_held, 3) if cuda else 0.0,
                         first_run_s=round(first_s, 2),
                         compile_s=round(first.warmup_seconds, 2),
                         graphs_first_run=first.warmup_graphs + first.sampling_graphs,

@@ -6,6 +6,7 @@ tiny test UNet on the CPU, for CI smoke. Random weights make the pictures noise,
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import statistics
@@ -273,6 +274,16 @@ class BenchContext:
 
         mm.unload_all_models()
         mm.soft_empty_cache()
+
+    def clean_start(self) -> tuple[float, float]:
+        """free_models, then what stays allocated and held on the device (GiB; 0 on CPU): what a row that loads
+        its own model next must subtract from its peaks (other models' leftovers, CUDA-graph pools kept alive)."""
+        self.free_models()
+        gc.collect()
+        if self.device.type != "cuda":
+            return 0.0, 0.0
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB
 
     def add_row(self, case: str, name: str, m: Measured | None = None, steps: int | None = None, **extra) -> dict:
         row = {"case": case, "name": name}

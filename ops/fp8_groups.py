@@ -146,8 +146,8 @@ class UpcastScratch:
         self.root._buffers[BUFFER_NAME] = value
 
     def get(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        b = self.buffer
-        if b is None or b.device != device or b.dtype != dtype or b.numel() < self.capacity:
+        """The buffer for `device` and `dtype`, made (again) where it is missing or does not fit."""
+        if self.ready(device, dtype) is None:
             self.buffer = None  # free the old one first
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor: writable in and out of it
                 self.buffer = torch.empty(self.capacity, device=device, dtype=dtype)

@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..common import GIB, BenchContext
+from ..common import BenchContext
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +141,6 @@ def fp8_model(ctx: BenchContext, base, fused: bool) -> tuple[object, str]:
     return patcher, plan.describe()
 
 
-def _clean_start(ctx: BenchContext) -> tuple[float, float]:
-    """Unload every model (the rows before loaded theirs: without this, a row's peak counts them too) and return
-    what stays allocated and held (GiB): mostly the CUDA-graph pools of graphs compiled for earlier rows, kept by
-    the process-wide compile cache. A row's own figures are its peaks minus these."""
-    if ctx.device.type != "cuda":
-        return 0.0, 0.0
-    import torch
-
-    ctx.free_models()
-    torch.cuda.empty_cache()
-    return torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB
-
-
 def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
     backend, mode = ("inductor", "reduce-overhead") if cuda else ("aot_eager", "default")
     # off CUDA only the first row traces (aot_eager); the rest show the eager fallback of the node's default
@@ -211,7 +198,9 @@ def run(ctx: BenchContext) -> None:
                               f"{BUDGET_S:.0f} s; raise SDXLOPT_BENCH_COMPILE_BUDGET_S)")
             continue
         try:
-            residue, residue_held = _clean_start(ctx)
+            # a row's peaks count the models of the rows before unless they are unloaded; what stays (earlier
+            # rows' CUDA-graph pools, kept by the process-wide compile cache) is subtracted
+            residue, residue_held = ctx.clean_start()
             model = v.build()
             t0 = time.perf_counter()
             ctx.sample(model)  # the first run: compiles what this configuration needs

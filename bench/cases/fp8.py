@@ -34,7 +34,6 @@ so the models are built by hand the same way); the fused rows report "skipped" t
 """
 from __future__ import annotations
 
-import gc
 import os
 import traceback
 
@@ -99,24 +98,14 @@ def _weights_gib(patcher) -> float:
     return round(sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters()) / GIB, 3)
 
 
-def _release(ctx: BenchContext) -> None:
-    ctx.free_models()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _peak_gib(ctx: BenchContext, model) -> tuple[float, float, float]:
     """(peak, residue, held): peak allocated memory of one sampling run with only `model` loaded (weights +
     activations), what stayed allocated before the model was loaded (other models' leftovers: the model's
     own peak is the difference), and the peak the allocator held in that run, cached blocks emptied first
     (counts CUDA graph pools, allocated at capture in the run before and held from then on)."""
-    ctx.free_models()
+    residue = ctx.clean_start()[0]
     if ctx.device.type != "cuda":
         return 0.0, 0.0, 0.0
-    gc.collect()
-    torch.cuda.empty_cache()
-    residue = torch.cuda.memory_allocated() / GIB
     ctx.sample(model)
     held = ctx.held_gib(lambda: ctx.sample(model))  # resets the peak statistics before its run
     return torch.cuda.max_memory_allocated() / GIB, residue, held
@@ -217,4 +206,4 @@ def run(ctx: BenchContext) -> None:
                     ms_per_step_steady=round(per_step[name]["step_s"] * 1000, 2),
                     cpu_x_fp16_per_step=round(per_step[name]["cpu_ratio"], 3), **extras[name])
     models.clear()
-    _release(ctx)
+    ctx.clean_start()

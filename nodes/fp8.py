@@ -70,6 +70,7 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
     layers, LoRA weight functions) goes through the host's forward and forward_comfy_cast_weights."""
 
     fp8_fused = False
+    fp8_compute = False  # Linear: fp8 tensor-core matmul (ops/fp8.py scaled_linear) where the call allows
     _fp8_slot: tuple | None = None  # (UpcastGroup, index) when the layer's block upcasts its weights at once
 
     def __setattr__(self, name, value) -> None:
@@ -94,7 +95,7 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
             wb = _direct_params(self, input.device)  # the fp8 weight is upcast to the input's dtype
             if wb is None or wb[0] is None:
                 return None
-            w = wb[0] if self.fp8_fused else wb[0].to(input.dtype)
+            w = wb[0] if self.fp8_fused or self.fp8_compute else wb[0].to(input.dtype)
         b = self._parameters.get("bias")
         return w, b if b is None or b.dtype == input.dtype else b.to(input.dtype)
 
@@ -116,6 +117,10 @@ class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
         if wb is None:
             return super().forward(input, *args, **kwargs)
         comfy.ops.run_every_op()
+        if self.fp8_compute:  # weight still fp8: fp8 tensor cores where the shapes allow, else the upcast
+            if fp8ops.scaled_applicable(input, wb[0]):
+                return fp8ops.scaled_linear(input, wb[0], wb[1])
+            return F.linear(input, wb[0].to(input.dtype), wb[1])
         if self.fp8_fused:  # weight still fp8: the fused kernel where it applies, else the upcast
             return fp8ops.linear(input, wb[0], wb[1], fused=True)
         return F.linear(input, wb[0], wb[1])
@@ -168,8 +173,8 @@ class Fp8LayerNorm(DirectNorm, comfy.ops.manual_cast.LayerNorm):
         return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
 
 
-def _group_member(m) -> bool:
-    return isinstance(m, Fp8Layer) and not m.fp8_fused  # fused layers read their fp8 weight directly
+def _group_member(m) -> bool:  # fused and fp8-compute layers read their fp8 weight directly
+    return isinstance(m, Fp8Layer) and not m.fp8_fused and not m.fp8_compute
 
 
 def _group_eligible(layer, device: torch.device) -> bool:
@@ -319,20 +324,24 @@ def _groups_text(model) -> str:
             f"calls replay one CUDA graph per block holding {eager}, whole-call graphs hold {in_graphs}")
 
 
-_OPS_CACHE: dict[tuple[torch.dtype, bool], type] = {}
+_OPS_CACHE: dict[tuple[torch.dtype, bool, bool], type] = {}
 
 
-def fp8_operations(storage_dtype: torch.dtype, fused: bool = False) -> type:
+def fp8_operations(storage_dtype: torch.dtype, fused: bool = False, compute: bool = False) -> type:
     """The custom_operations class for model_options: Linear/Conv2d stored in `storage_dtype`, the rest
-    (norms, embeddings) as comfy.ops.manual_cast builds them, in the compute dtype."""
-    key = (storage_dtype, bool(fused))
+    (norms, embeddings) as comfy.ops.manual_cast builds them, in the compute dtype. `compute`: Linear layers
+    multiply on fp8 tensor cores (takes precedence over `fused`)."""
+    fused = bool(fused) and not compute
+    key = (storage_dtype, fused, bool(compute))
     if key not in _OPS_CACHE:
-        attrs = {"fp8_storage_dtype": storage_dtype, "fp8_fused": bool(fused), "__module__": __name__}
-        suffix = fp8ops.dtype_name(storage_dtype) + ("_fused" if fused else "")
+        attrs = {"fp8_storage_dtype": storage_dtype, "fp8_fused": fused, "fp8_compute": bool(compute),
+                 "__module__": __name__}
+        suffix = fp8ops.dtype_name(storage_dtype) + ("_fused" if fused else "") + ("_compute" if compute else "")
         _OPS_CACHE[key] = type(f"SDXLOptFp8Ops_{suffix}", (comfy.ops.manual_cast,), {
             **attrs,
             "Linear": type("Linear", (Fp8Linear,), dict(attrs)),
-            "Conv2d": type("Conv2d", (Fp8Conv2d,), {**attrs, "fp8_fused": False}),  # no fused conv kernel
+            # no fused or fp8-compute conv kernel: convolutions upcast
+            "Conv2d": type("Conv2d", (Fp8Conv2d,), {**attrs, "fp8_fused": False, "fp8_compute": False}),
             "GroupNorm": Fp8GroupNorm,
             "LayerNorm": Fp8LayerNorm,
         })
@@ -454,12 +463,11 @@ def _log_plan(name: str, plan: fp8ops.Fp8Plan, model) -> None:
     total = sum(sizes.values()) / GIB
     parts = ", ".join(f"{d} {b / GIB:.2f} GiB" for d, b in sorted(sizes.items(), key=lambda kv: -kv[1]))
     line = f"SDXLOpt FP8: {name}: UNet {total:.2f} GiB ({parts}); {plan.describe()}{_groups_text(model)}"
-    degraded = not plan.fused and plan.reason != fp8ops.SWITCHED_OFF
-    (log.warning if degraded else log.info)(line)
+    (log.warning if plan.degraded else log.info)(line)
 
 
 def operations_for(plan: fp8ops.Fp8Plan) -> type:
-    return fp8_operations(plan.storage_dtype, plan.fused)
+    return fp8_operations(plan.storage_dtype, plan.fused, plan.compute)
 
 
 def load_checkpoint_fp8(path: str, plan: fp8ops.Fp8Plan, name: str | None = None):
@@ -497,9 +505,10 @@ def load_unet_fp8(path: str, plan: fp8ops.Fp8Plan, name: str | None = None):
     return model
 
 
-def make_plan(weight_dtype: str, fused_matmul: bool) -> fp8ops.Fp8Plan:
+def make_plan(weight_dtype: str, fused_matmul: bool, fp8_compute: bool = False) -> fp8ops.Fp8Plan:
     """The plan for ComfyUI's compute device (raises Fp8UnsupportedError, a ValueError, with the fix)."""
-    return fp8ops.plan(weight_dtype, comfy.model_management.get_torch_device(), fused=fused_matmul)
+    return fp8ops.plan(weight_dtype, comfy.model_management.get_torch_device(), fused=fused_matmul,
+                       compute=fp8_compute)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -517,6 +526,15 @@ FUSED_TOOLTIP = (
     "per-layer upcast is used and the log says why. Off: always the per-layer upcast (storage only). "
     "Both give the same result within fp16 rounding. Default off: on an H200 the fused kernel measured slower "
     "than upcast + cuBLAS (bench/results/gpu_core.md).")
+
+
+COMPUTE_TOOLTIP = (
+    "On: Linear layers (87% of SDXL's weights) multiply on fp8 tensor cores, twice the fp16 matmul rate: each "
+    "call rounds its input activations to float8_e4m3fn with one scale (its largest value maps to fp8's "
+    "largest; nothing is clamped), like ComfyUI's fp8_e4m3fn_fast with a scale. This adds error on top of the "
+    "fp8 weights (see README: fp8 compute), so it is off by default. Needs an RTX 40xx / Ada or Hopper GPU "
+    "and a torch with _scaled_mm; elsewhere the load line warns once and the other matmul path runs. Takes "
+    "precedence over fused_matmul. Convolutions always upcast.")
 
 
 def _advanced(inp):
@@ -537,6 +555,11 @@ def _fused_input() -> io.Boolean.Input:
     return _advanced(io.Boolean.Input("fused_matmul", default=False, tooltip=FUSED_TOOLTIP))
 
 
+def _compute_input() -> io.Boolean.Input:
+    # optional: prompts and workflows saved before this input existed still validate (and mean off)
+    return _advanced(io.Boolean.Input("fp8_compute", default=False, optional=True, tooltip=COMPUTE_TOOLTIP))
+
+
 class Fp8CheckpointLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -553,6 +576,7 @@ class Fp8CheckpointLoader(io.ComfyNode):
                                        "folder. For a UNet-only file use SDXLOpt Load Diffusion Model (FP8)."),
                 _dtype_input(),
                 _fused_input(),
+                _compute_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The UNet, Linear/Conv2d weights in float8."),
@@ -562,8 +586,9 @@ class Fp8CheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, ckpt_name: str, weight_dtype: str = "auto", fused_matmul: bool = False) -> io.NodeOutput:
-        plan = make_plan(weight_dtype, fused_matmul)
+    def execute(cls, ckpt_name: str, weight_dtype: str = "auto", fused_matmul: bool = False,
+                fp8_compute: bool = False) -> io.NodeOutput:
+        plan = make_plan(weight_dtype, fused_matmul, fp8_compute)
         path = resolve_file("checkpoints", ckpt_name)
         check_kind(path, ckpt_name, accept=("checkpoint",))
         model, clip, vae = load_checkpoint_fp8(path, plan, ckpt_name)
@@ -587,13 +612,15 @@ class Fp8UNetLoader(io.ComfyNode):
                                        "A full checkpoint works too (only its UNet is loaded)."),
                 _dtype_input(),
                 _fused_input(),
+                _compute_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The UNet, Linear/Conv2d weights in float8.")],
         )
 
     @classmethod
-    def execute(cls, unet_name: str, weight_dtype: str = "auto", fused_matmul: bool = False) -> io.NodeOutput:
-        plan = make_plan(weight_dtype, fused_matmul)
+    def execute(cls, unet_name: str, weight_dtype: str = "auto", fused_matmul: bool = False,
+                fp8_compute: bool = False) -> io.NodeOutput:
+        plan = make_plan(weight_dtype, fused_matmul, fp8_compute)
         path = resolve_file("diffusion_models", unet_name)
         check_kind(path, unet_name, accept=("unet", "unet_diffusers", "checkpoint"))
         return io.NodeOutput(load_unet_fp8(path, plan, unet_name))

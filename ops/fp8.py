@@ -37,6 +37,18 @@ FUSED_MIN_CAPABILITY = (8, 9)
 FUSED_MIN_ROWS = 16
 
 
+# fp8 compute (torch._scaled_mm): activations rounded to e4m3fn too, both operands on fp8 tensor cores (twice
+# the fp16 matmul rate on Ada and Hopper). Every dimension must be a multiple of SCALED_ALIGN; other calls
+# (cross-attention keys/values over 77 tokens, the timestep embedding) take the upcast
+SCALED_MIN_CAPABILITY = (8, 9)
+SCALED_ALIGN = 16
+E4M3_MAX = 448.0
+# the activation scale maps a call's largest |x| to E4M3_MAX; below this amax the scale stops growing, so
+# the reciprocal (E4M3_MAX / amax <= 7168) stays finite in fp16 (such activations still keep 8 of fp8's 16
+# binades above its subnormals)
+SCALED_MIN_AMAX = 2.0 ** -4
+
+
 class Fp8UnsupportedError(ValueError):
     """The requested fp8 storage dtype cannot be held by this torch build or device."""
 
@@ -324,6 +336,89 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return _fused_linear_impl(x, weight, bias)  # eager: skip the dispatcher's per-call overhead
 
 
+def scaled_applicable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch._scaled_mm takes this call: fp16/bf16 activations and an fp8 weight on one device, every
+    dimension (rows, in, out) a multiple of SCALED_ALIGN."""
+    k = x.shape[-1]
+    return (x.dtype in FUSED_ACTIVATION_DTYPES and is_fp8(weight.dtype) and x.device == weight.device
+            and k == weight.shape[-1] and k % SCALED_ALIGN == 0 and weight.shape[0] % SCALED_ALIGN == 0
+            and x.numel() > 0 and (x.numel() // k) % SCALED_ALIGN == 0)
+
+
+_ONES: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """The weight's scale (1: weights are stored as plain casts), one tensor per device, made on its first
+    (eager) call: no per-call fill, nothing allocated inside a CUDA-graph capture that an eager call preceded.
+    Under torch.compile a constant in the graph instead (filling the cache there would change a global the
+    compiled code guards on: a recompile on the next call)."""
+    if _is_compiling():
+        return torch.ones((), device=device, dtype=torch.float32)
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    one = _ONES.get((device.type, index))
+    if one is None:
+        one = _ONES[(device.type, index)] = torch.ones((), device=device, dtype=torch.float32)
+    return one
+
+
+def quantize_activation(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D fp16/bf16 activation -> (e4m3fn values, fp32 scale): one scale for the call, its largest |x|
+    mapped to E4M3_MAX (never clamped); x ~= values * scale."""
+    amax = torch.linalg.vector_norm(x2, ord=float("inf"), dtype=torch.float32).clamp(min=SCALED_MIN_AMAX)
+    inv = E4M3_MAX / amax
+    return (x2 * inv.to(x2.dtype)).to(torch.float8_e4m3fn), inv.reciprocal()
+
+
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + b on fp8 tensor cores: x rounded to e4m3fn with one scale (quantize_activation), W as
+    stored (fp8, scale 1), accumulated in fp32, returned in x's dtype. The caller checks scaled_applicable."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    xq, scale = quantize_activation(x2)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=scale, scale_b=_unit_scale(x.device), bias=bias,
+                         out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _scaled_status(device: str, dtype: torch.dtype) -> tuple[bool, str]:
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False, f"{dev.type} device (fp8 tensor cores are a CUDA feature)"
+    if getattr(torch.version, "hip", None):
+        return False, "ROCm build (its fp8 types differ)"
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < SCALED_MIN_CAPABILITY:
+        return False, (f"compute capability {cap[0]}.{cap[1]} < {SCALED_MIN_CAPABILITY[0]}."
+                       f"{SCALED_MIN_CAPABILITY[1]} (no fp8 tensor cores)")
+    if not hasattr(torch, "_scaled_mm"):
+        return False, f"torch {torch.__version__} has no _scaled_mm"
+    try:  # self-test against the same rounding done by hand
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(32, 64, device=dev, generator=gen).to(torch.float16)
+        w = quantize(torch.randn(48, 64, device=dev, generator=gen) * 0.1, dtype)
+        b = torch.randn(48, device=dev, generator=gen).to(torch.float16)
+        got = scaled_linear(x, w, b).float()
+        xq, scale = quantize_activation(x)
+        ref = F.linear(xq.float() * scale, w.float(), b.float())
+        err = float((got - ref).abs().max() / ref.abs().max())
+        if not err < 1e-2:
+            return False, f"self-test mismatch (relative error {err:.2e})"
+    except Exception as e:
+        return False, f"_scaled_mm failed its self-test ({type(e).__name__}: {str(e)[:200]})"
+    return True, f"compute capability {cap[0]}.{cap[1]}, _scaled_mm self-test passed"
+
+
+def scaled_available(device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:
+    """(usable, why) for fp8 compute on `device` with weights in `dtype`; probed once per process."""
+    return _scaled_status(str(torch.device(device)), dtype)
+
+
 def _triton_fp8_problem(dev: torch.device) -> str | None:
     """Why this pack's fp8 Triton kernels cannot run on `dev` (None: they may; each still self-tests)."""
     if dev.type != "cuda" or not torch.cuda.is_available():
@@ -476,27 +571,41 @@ class Fp8Plan:
     storage_dtype: fp8 dtype of every Linear/Conv2d weight.
     fused: Linear layers run the fused Triton kernel (else: per-layer upcast, "storage only").
     reason: why this path (the one line the loader logs).
+    compute: Linear layers multiply on fp8 tensor cores, activations rounded to e4m3fn (scaled_linear).
+    degraded: a path the user asked for cannot run here (the load line is a warning).
     """
 
     storage_dtype: torch.dtype
     fused: bool
     reason: str
+    compute: bool = False
+    degraded: bool = False
 
     @property
     def path(self) -> str:
+        if self.compute:
+            return "fp8 compute (activations rounded to e4m3fn, one scale per call)"
         return "fused Triton fp8 matmul" if self.fused else "per-layer upcast (storage only)"
 
     def describe(self) -> str:
         return f"weights {dtype_name(self.storage_dtype)}, Linear matmuls: {self.path} ({self.reason})"
 
 
-def plan(weight_dtype: str, device: torch.device | str, fused: bool = True) -> Fp8Plan:
-    """Resolve the user's choices for `device`: storage dtype (raises Fp8UnsupportedError) and matmul path."""
+def plan(weight_dtype: str, device: torch.device | str, fused: bool = True, compute: bool = False) -> Fp8Plan:
+    """Resolve the user's choices for `device`: storage dtype (raises Fp8UnsupportedError) and matmul path.
+    fp8 compute, where asked for and available, takes precedence over the fused kernel; where it cannot
+    run, the plan falls back to the other choice and says why."""
     storage = resolve_storage_dtype(weight_dtype, device)
+    if compute:
+        ok, why = scaled_available(device, storage)
+        if ok:
+            return Fp8Plan(storage, False, why, compute=True)
+        base = plan(weight_dtype, device, fused=fused)
+        return Fp8Plan(storage, base.fused, f"fp8 compute unavailable: {why}; {base.reason}", degraded=True)
     if not fused:
         return Fp8Plan(storage, False, SWITCHED_OFF)
     ok, why = fused_available(device, storage)
-    return Fp8Plan(storage, ok, why)
+    return Fp8Plan(storage, ok, why, degraded=not ok)
 
 
 def weight_bytes(module: torch.nn.Module) -> dict[str, int]:

@@ -287,6 +287,36 @@ def test_fp8_weights_compiled_equal_eager():
     assert graphs >= 1, "expected the fp8 layout compiled as its own family"
 
 
+def test_fp8_compute_compiled_equals_eager_with_scaled_mm_in_the_graph():
+    """The fp8-compute layers (torch._scaled_mm, fp16 activations) trace without a break and compute on the
+    compiled path what they compute eagerly; the compiled graph holds the fp8 matmuls."""
+    from sdxl_optimizer.nodes.fp8 import fp8_operations
+
+    ops = fp8_operations(torch.float8_e4m3fn, compute=True)
+    m = factories.tiny_unet(0, unet_config=SMALL_UNET, dtype=torch.float16, model_options={"custom_operations": ops})
+    storage = factories.tiny_unet(0, unet_config=SMALL_UNET, dtype=torch.float16,
+                                  model_options={"custom_operations": fp8_operations(torch.float8_e4m3fn)})
+    out, graphs, stats = run_counted(compiled(m))
+    ref = sample(eager(m))
+    close(out, ref, tol=2e-3)  # fp16 compute: a few reductions in another order
+    assert_all_compiled(stats)
+    assert bridge.rel_err(ref, sample(eager(storage))) > 1e-3, "expected the fp8 compute path to have run"
+    ops_seen = []
+
+    def backend(gm, example_inputs):
+        ops_seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    unet = m.model.diffusion_model
+    inp = {k: v.half() if v.is_floating_point() else v for k, v in bridge.random_unet_inputs(0, 2, 16).items()}
+    topts = {"optimized_attention_override": sdpa_attention_override}
+    fn = torch.compile(ocomp.fresh_function(ocomp._trampoline, "sdxlopt_fp8_compute_probe"), backend=backend,
+                       fullgraph=True)
+    with torch.no_grad():
+        fn(type(unet)._forward, (unet, inp["x"], inp["t"], inp["context"], inp["y"], None, topts), {})
+    assert any("_scaled_mm" in t for t in ops_seen), "expected torch._scaled_mm in the traced UNet forward"
+
+
 def test_full_stack_in_any_order_equals_eager_with_one_compile_per_batch():
     base = fp8_model(0)
     lora = tiny_lora(base, seed=7)

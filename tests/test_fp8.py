@@ -412,6 +412,131 @@ def test_each_layer_alone_stays_within_one_rounding(tiny, capsys):
               + "; ".join(lines))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# fp8 compute (torch._scaled_mm): runs on CPU in this torch, so the path itself is tested here; on a GPU the
+# plan only chooses it where the device passes its self-test (CUDA sm_89+)
+# ---------------------------------------------------------------------------------------------------------
+
+# fp8 compute adds one activation rounding per Linear call: measured on the tiny UNet (seed 0, batch 2, 8x8,
+# fp16 on CPU) one forward vs fp32 0.201 (storage only 0.163), fp8 compute vs storage only 0.065; per
+# layer (each of the 72 compute Linear calls on its fp32 twin's input) median 0.039, max 0.055 (storage only:
+# median 0.028, max 0.043).
+COMPUTE_FIDELITY_BOUND = 0.25
+COMPUTE_LAYER_BOUND = 0.08
+
+
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", [E4M3, E5M2])
+def test_scaled_linear_is_the_rounded_activation_times_the_stored_weight(xdtype, wdtype):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 16, 64, generator=gen) * 3).to(xdtype)
+    w = ofp8.quantize(torch.randn(48, 64, generator=gen) * 0.1, wdtype)
+    b = torch.randn(48, generator=gen).to(xdtype)
+    assert ofp8.scaled_applicable(x, w)
+    y = ofp8.scaled_linear(x, w, b)
+    assert y.dtype == xdtype and y.shape == (2, 16, 48)
+    xq, scale = ofp8.quantize_activation(x.reshape(-1, 64))
+    assert xq.dtype == E4M3 and scale.dtype == torch.float32
+    assert xq.float().abs().max() == ofp8.E4M3_MAX, "expected the largest |x| mapped to e4m3fn's largest value"
+    ref = F.linear(xq.float() * scale, w.float(), b.float()).reshape(2, 16, 48)
+    assert bridge.rel_err(y.float(), ref) < 1e-2, "expected exactly the rounded operands' product (output rounding)"
+    exact = F.linear(x.float(), w.float(), b.float())
+    assert bridge.rel_err(y.float(), exact) < 0.06, "expected one e4m3fn rounding of the activations, no more"
+
+
+def test_activation_scale_never_clamps_and_stays_finite_for_tiny_or_zero_inputs():
+    big = torch.tensor([[3000.0, -1.0] * 8] * 16, dtype=torch.float16)  # beyond e4m3fn's 448: scaled, not clamped
+    xq, scale = ofp8.quantize_activation(big)
+    assert torch.allclose(xq.float() * scale, big.float(), rtol=0.07)
+    for x in (torch.full((16, 16), 1e-4, dtype=torch.float16), torch.zeros(16, 16, dtype=torch.float16)):
+        xq, scale = ofp8.quantize_activation(x)
+        assert torch.isfinite(xq.float()).all() and torch.isfinite(scale)
+        assert torch.allclose(xq.float() * scale, x.float(), rtol=0.07, atol=1e-6)
+
+
+def test_scaled_applicable_needs_half_activations_fp8_weight_and_multiples_of_16():
+    w = ofp8.quantize(torch.randn(48, 64), E4M3)
+    x = torch.randn(2, 16, 64, dtype=torch.float16)
+    assert ofp8.scaled_applicable(x, w)
+    assert not ofp8.scaled_applicable(x.float(), w), "fp32 activations: the upcast"
+    assert not ofp8.scaled_applicable(x, w.half()), "an fp16 weight: not ours to scale"
+    assert not ofp8.scaled_applicable(torch.randn(2, 77, 64, dtype=torch.float16), w), "154 rows (cross-attn k/v)"
+    assert not ofp8.scaled_applicable(torch.randn(16, 40, dtype=torch.float16), ofp8.quantize(torch.randn(48, 40), E4M3))
+    assert not ofp8.scaled_applicable(x, ofp8.quantize(torch.randn(40, 64), E4M3))
+
+
+def test_plan_for_fp8_compute_on_cpu_falls_back_with_a_warning_reason():
+    p = ofp8.plan("auto", "cpu", fused=False, compute=True)
+    assert not p.compute and p.degraded and not p.fused
+    assert p.reason.startswith("fp8 compute unavailable: cpu device") and ofp8.SWITCHED_OFF in p.reason
+    assert "per-layer upcast" in p.describe()
+    ok = ofp8.Fp8Plan(E4M3, False, "probe passed", compute=True)
+    assert "fp8 compute" in ok.describe() and not ok.degraded
+    assert not ofp8.plan("auto", "cpu", fused=False).degraded, "storage only by choice: no warning"
+    assert ofp8.plan("auto", "cpu", fused=True).degraded, "a fused kernel asked for and unavailable: warning"
+
+
+def tiny_compute(seed: int = 0, dtype: torch.dtype = torch.float16):
+    ops = nfp8.fp8_operations(E4M3, compute=True)
+    assert ops is nfp8.fp8_operations(E4M3, True, True) and ops.Linear.fp8_compute and not ops.Linear.fp8_fused
+    assert not ops.Conv2d.fp8_compute, "convolutions have no fp8 compute kernel: they upcast"
+    return factories.tiny_unet(seed, dtype=dtype, model_options={"custom_operations": ops})
+
+
+def test_fp8_compute_model_multiplies_in_fp8_where_shapes_allow(monkeypatch, capsys):
+    """fp16 tiny UNet: every Linear call whose shapes allow runs scaled_linear (the rest upcast); one forward
+    stays within COMPUTE_FIDELITY_BOUND of fp32, and each layer within COMPUTE_LAYER_BOUND of its fp32 twin."""
+    calls = []
+    real = ofp8.scaled_linear
+    monkeypatch.setattr(ofp8, "scaled_linear", lambda x, w, b=None: calls.append((x.shape, w.data_ptr())) or real(x, w, b))
+    inp = bridge.random_unet_inputs(0, batch=2, size=8)
+    inp16 = {k: v.half() if v.is_floating_point() else v for k, v in inp.items()}
+    fp32, comp = factories.tiny_unet(0), tiny_compute(0)
+    y32 = run(fp32, inp)
+    yc = run(comp, inp16).float()
+    calls = list(calls)  # this forward's calls (the per-layer check below calls the layers again)
+    layers = len({ptr for _, ptr in calls})
+    lin = [m for m in comp.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not any(nfp8._group_member(m) for m in lin), "fp8 compute layers read their fp8 weight: no grouped upcast"
+    assert 0 < layers < len(lin) and all((s.numel() // s[-1]) % 16 == 0 for s, _ in calls)
+    err = bridge.rel_err(yc, y32)
+    assert torch.isfinite(yc).all() and err <= COMPUTE_FIDELITY_BOUND, f"fp8 compute vs fp32: {err:.4f}"
+
+    twins = dict(comp.model.diffusion_model.named_modules())
+    errs: dict[str, float] = {}
+
+    def compare(module, args, out, name):
+        x = args[0].half()
+        if isinstance(twins[name], torch.nn.Linear) and ofp8.scaled_applicable(x, twins[name].weight):
+            with torch.no_grad():
+                errs[name] = bridge.rel_err(twins[name](x).float(), out)
+
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: compare(m, a, o, n))
+             for n, m in fp32.model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        run(fp32, inp)
+    finally:
+        for h in hooks:
+            h.remove()
+    vals = sorted(errs.values())
+    assert len(vals) > 40 and vals[-1] <= COMPUTE_LAYER_BOUND, f"per layer: max {vals[-1]:.4f}"
+    with capsys.disabled():
+        print(f"\n[fp8 compute fidelity] tiny UNet fp16, one forward vs fp32 {err:.4f}; {layers} of {len(lin)} "
+              f"Linear layers on fp8 tensor cores ({len(calls)} calls); per layer ({len(vals)}) median {vals[len(vals) // 2]:.4f}, "
+              f"max {vals[-1]:.4f}")
+
+
+def test_fp8_compute_layer_compiles_fullgraph_without_breaks():
+    ops = nfp8.fp8_operations(E4M3, compute=True)
+    lin = ops.Linear(64, 48, dtype=torch.float16)
+    lin.load_state_dict(torch.nn.Linear(64, 48).half().state_dict())
+    x = torch.randn(2, 16, 64, dtype=torch.float16)
+    for backend in ("eager", "aot_eager"):
+        got = torch.compile(lin, fullgraph=True, backend=backend)(x)
+        assert bridge.rel_err(got.float(), lin(x).float()) < 1e-3
+    torch._dynamo.reset()
+
+
 def test_norms_and_biases_in_compute_dtype_beat_core_all_fp8_cast(tiny):
     """ComfyUI core's weight_dtype=fp8 (manual_cast, every weight fp8) against ours on the same weights."""
     import comfy.ops
@@ -559,6 +684,19 @@ def test_unet_loader_loads_a_tiny_unet_file_in_fp8(model_files, tiny_detection, 
     msg = lines[0].getMessage()
     assert lines[0].levelno == logging.WARNING and "per-layer upcast (storage only)" in msg and "cpu" in msg, msg
     assert "tiny_unet.safetensors" in msg and "float8_e4m3fn" in msg
+    assert_files_unchanged(model_files)
+
+
+def test_fp8_compute_asked_for_where_it_cannot_run_warns_once_and_loads_storage_only(model_files, tiny_detection,
+                                                                                     tiny, caplog):
+    caplog.set_level(logging.INFO)
+    model = nfp8.Fp8UNetLoader.execute("tiny_unet.safetensors", "auto", False, True).args[0]
+    lines = [r for r in caplog.records if r.getMessage().startswith("SDXLOpt FP8:")]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING, [r.getMessage() for r in lines]
+    assert "fp8 compute unavailable: cpu device" in lines[0].getMessage()
+    lin = model.model.diffusion_model.input_blocks[4][1].proj_in
+    assert not lin.fp8_compute and lin.weight.dtype == E4M3
+    assert bridge.rel_err(run(model, tiny["inp"]), run(tiny["fp32"], tiny["inp"])) <= FIDELITY_BOUND[E4M3]
     assert_files_unchanged(model_files)
 
 

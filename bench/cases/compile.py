@@ -113,9 +113,9 @@ def _freeu(model):
     return apply_freeu(model, FreeUConfig.from_preset("SDXL", "v1"), "matmul")
 
 
-def fp8_model(ctx: BenchContext, base, fused: bool) -> tuple[object, str]:
-    """The base model's weights as an SDXLOpt FP8 model: e4m3fn Linear/Conv storage (fused Triton matmul or
-    per-layer upcast), built through the loaders' path (model_options custom_operations)."""
+def fp8_model(ctx: BenchContext, base, fused: bool, compute: bool = False) -> tuple[object, str]:
+    """The base model's weights as an SDXLOpt FP8 model: e4m3fn Linear/Conv storage (fused Triton matmul,
+    per-layer upcast or fp8 compute), built through the loaders' path (model_options custom_operations)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
@@ -123,7 +123,7 @@ def fp8_model(ctx: BenchContext, base, fused: bool) -> tuple[object, str]:
 
     from sdxl_optimizer.nodes.fp8 import attach_upcast_groups, make_plan, operations_for
 
-    plan = make_plan("auto", fused)
+    plan = make_plan("auto", fused, compute)
     options = {"custom_operations": operations_for(plan)}
     sd = {k: v.to("cpu") for k, v in base.model.diffusion_model.state_dict().items()}
     if not ctx.small:  # what the UNet loaders do after reading the file
@@ -150,10 +150,12 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
     fp8_notes: list[str] = []
     upcast_notes: list[str] = []
 
-    def fp8(fused: bool, notes: list[str]):
-        model, note = fp8_model(ctx, base, fused)
+    def fp8(fused: bool, notes: list[str], compute: bool = False, patch=lambda m: m):
+        model, note = fp8_model(ctx, base, fused, compute)
         notes.append(note)
-        return _compile(model, *later)
+        return _compile(patch(model), *later)
+
+    compute_notes: list[str] = []
 
     out = [
         Variant("plain", f"compiled, cfg {ctx.cfg}", lambda: _compile(base, backend, mode), 1, cfg),
@@ -168,6 +170,16 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
         # its cost is the upcast's memory traffic only (the per-layer Python and launches are gone)
         Variant("fp8", f"fp8 (per-layer upcast) + compiled, cfg {ctx.cfg} (vs fp16 + compiled, row 1)",
                 lambda: fp8(False, upcast_notes), 1, fallback, upcast_notes),
+    ]
+    # fp8 compute (Linear layers on fp8 tensor cores; each row after the first adds only its new batches)
+    out += [
+        Variant("fp8_compute", f"fp8 compute + compiled, cfg {ctx.cfg} (vs fp16 + compiled, row 1)",
+                lambda: fp8(False, compute_notes, True), 1, fallback, compute_notes),
+        Variant("fp8_compute_cutoff", f"fp8 compute + compiled + CFG cutoff 50%, cfg {ctx.cfg}",
+                lambda: fp8(False, compute_notes, True, lambda m: _cutoff(m, 0.5)), 1, fallback, compute_notes),
+        Variant("fp8_compute_deepcache_cutoff", f"fp8 compute + compiled + DeepCache 3 + CFG cutoff 50%, cfg {ctx.cfg}",
+                lambda: fp8(False, compute_notes, True, lambda m: _cutoff(_deepcache(m, 3), 0.5)), 2, fallback,
+                compute_notes),
     ]
     if cuda:  # lower priority: only if the time budget allows
         out.append(Variant("cudagraphs", f"compiled, cudagraphs backend (no Triton), cfg {ctx.cfg}",

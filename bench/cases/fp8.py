@@ -142,6 +142,14 @@ def run(ctx: BenchContext) -> None:
                 fp8_operations(upcast.storage_dtype, False), "grouped": True, "graph": True, "copies": True},
                 upcast.describe() + ", each UNet call replayed as one CUDA graph, one torch copy per weight "
                 "inside it (the loaders before this release)", True))
+            compute = ofp8.plan(name, ctx.device, fused=False, compute=True)
+            if compute.compute:
+                variants.append((f"ours {short}, fp8 compute (loader option)", {"custom_operations": fp8_operations(
+                    compute.storage_dtype, False, True), "grouped": True, "graph": True},
+                    compute.describe() + ", each UNet call replayed as one CUDA graph (convolutions: grouped "
+                    "upcast)", True))
+            else:
+                ctx.add_row(CASE, f"ours {short}, fp8 compute (loader option)", notes=f"skipped: {compute.reason}")
             variants.append((f"ours {short}, eager (grouped upcast)", {"custom_operations": fp8_operations(
                 upcast.storage_dtype, False), "grouped": True},
                 upcast.describe() + ", eager: grouped upcast, one CUDA graph replay per block holding one "

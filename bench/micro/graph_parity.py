@@ -38,6 +38,7 @@ def main() -> int:
     from sdxl_optimizer.nodes import deepcache as dcn
     from sdxl_optimizer.nodes import fp8 as nfp8
     from sdxl_optimizer.nodes import freeu as nfreeu
+    from sdxl_optimizer.ops import fp8 as ofp8
     from sdxl_optimizer.ops.deepcache import DeepCacheConfig
 
     lines: list[str] = []
@@ -55,6 +56,12 @@ def main() -> int:
     fp8 = _build(ctx, sd, {"custom_operations": nfp8.fp8_operations(torch.float8_e4m3fn, False)})
     nfp8.attach_upcast_groups(fp8)
     nfp8.attach_forward_graph(fp8)
+    # the loaders' fp8 compute option (Linear on fp8 tensor cores), where this device passes the probe
+    compute = None
+    if ofp8.plan("float8_e4m3fn", ctx.device, fused=False, compute=True).compute:
+        compute = _build(ctx, sd, {"custom_operations": nfp8.fp8_operations(torch.float8_e4m3fn, False, True)})
+        nfp8.attach_upcast_groups(compute)
+        nfp8.attach_forward_graph(compute)
 
     def dc(model, **kw):
         return dcn.apply_deepcache(model, DeepCacheConfig(interval=3, **kw))
@@ -77,6 +84,11 @@ def main() -> int:
         "DeepCache i3 + SDXLOpt FreeU (graph-safe patch)": lambda: dc(nfreeu.apply_freeu(base, freeu_cfg)),
         "fp8 loader model + SDXLOpt FreeU": lambda: nfreeu.apply_freeu(fp8, freeu_cfg),
     }
+    if compute is not None:
+        stacks["fp8 compute model"] = lambda: compute
+        stacks["fp8 compute model + CFG cutoff 50% + DeepCache i3"] = lambda: dc(ncut.apply_cfg_cutoff(compute, 0.5))
+    else:
+        print("fp8 compute: unavailable on this device (no stacks)")
     failed = 0
     for name, make in stacks.items():
         model = make()
@@ -92,7 +104,7 @@ def main() -> int:
         failed += not ok
         groups = fp8.model.diffusion_model.__dict__[nfp8.GROUPS_ATTR]
         kernels = f"; fp8 groups with their Triton upcast in a whole-call graph so far: " \
-                  f"{sum(g.captured_into > 0 for g in groups)} of {len(groups)}" if "fp8" in name else ""
+                  f"{sum(g.captured_into > 0 for g in groups)} of {len(groups)}" if "fp8 loader" in name else ""
         print(f"{'PASS' if ok else 'FAIL'} {name}: max |graph - eager| / max |eager| = {err:.2e}; {replays[:2]}"
               f"{kernels}", flush=True)
     print(f"{len(stacks) - failed} of {len(stacks)} stacks equal eager within {TOL}")

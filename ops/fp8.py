@@ -396,20 +396,31 @@ def _scaled_status(device: str, dtype: torch.dtype) -> tuple[bool, str]:
                        f"{SCALED_MIN_CAPABILITY[1]} (no fp8 tensor cores)")
     if not hasattr(torch, "_scaled_mm"):
         return False, f"torch {torch.__version__} has no _scaled_mm"
-    try:  # self-test against the same rounding done by hand
-        gen = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(32, 64, device=dev, generator=gen).to(torch.float16)
-        w = quantize(torch.randn(48, 64, device=dev, generator=gen) * 0.1, dtype)
-        b = torch.randn(48, device=dev, generator=gen).to(torch.float16)
-        got = scaled_linear(x, w, b).float()
+    def reference(x, w, b):  # the same rounding done by hand
         xq, scale = quantize_activation(x)
-        ref = F.linear(xq.float() * scale, w.float(), b.float())
+        return F.linear(xq.float() * scale, w.float(), b.float())
+
+    failed = _self_test(dev, dtype, (32, 48, 64), scaled_linear, reference, "_scaled_mm")
+    return failed or (True, f"compute capability {cap[0]}.{cap[1]}, _scaled_mm self-test passed")
+
+
+def _self_test(dev: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], run, reference,
+               what: str) -> tuple[bool, str] | None:
+    """run(x, w, b) against reference(x, w, b) on seeded fp16 inputs (rows, out, in) and an fp8 `dtype`
+    weight: None when they agree within 1%, else (False, why)."""
+    m, n, k = shape
+    try:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(m, k, device=dev, generator=gen).to(torch.float16)
+        w = quantize(torch.randn(n, k, device=dev, generator=gen) * 0.1, dtype)
+        b = torch.randn(n, device=dev, generator=gen).to(torch.float16)
+        got, ref = run(x, w, b).float(), reference(x, w, b)
         err = float((got - ref).abs().max() / ref.abs().max())
         if not err < 1e-2:
             return False, f"self-test mismatch (relative error {err:.2e})"
     except Exception as e:
-        return False, f"_scaled_mm failed its self-test ({type(e).__name__}: {str(e)[:200]})"
-    return True, f"compute capability {cap[0]}.{cap[1]}, _scaled_mm self-test passed"
+        return False, f"{what} failed its self-test ({type(e).__name__}: {str(e)[:200]})"
+    return None
 
 
 def scaled_available(device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:
@@ -443,19 +454,10 @@ def _fused_status(device: str, dtype: torch.dtype) -> tuple[bool, str]:
     if problem is not None:
         return False, problem
     cap = torch.cuda.get_device_capability(dev)
-    try:  # self-test: compile one tile and compare with the upcast reference
-        gen = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(48, 80, device=dev, generator=gen).to(torch.float16)
-        w = quantize(torch.randn(40, 80, device=dev, generator=gen) * 0.1, dtype)
-        b = torch.randn(40, device=dev, generator=gen).to(torch.float16)
-        got = triton_fp8_matmul(x, w, b, autotune=False).float()
-        ref = F.linear(x.float(), w.float(), b.float())
-        err = float((got - ref).abs().max() / ref.abs().max())
-        if not err < 1e-2:
-            return False, f"self-test mismatch (relative error {err:.2e})"
-    except Exception as e:
-        return False, f"Triton kernel failed its self-test ({type(e).__name__}: {str(e)[:200]})"
-    return True, f"compute capability {cap[0]}.{cap[1]}, Triton self-test passed"
+    # self-test: compile one tile and compare with the upcast reference
+    failed = _self_test(dev, dtype, (48, 40, 80), lambda x, w, b: triton_fp8_matmul(x, w, b, autotune=False),
+                        lambda x, w, b: F.linear(x.float(), w.float(), b.float()), "Triton kernel")
+    return failed or (True, f"compute capability {cap[0]}.{cap[1]}, Triton self-test passed")
 
 
 def fused_available(device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:

@@ -39,24 +39,16 @@ def dynamic_quantize(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def graph_ms(fn, calls: int = 20, rounds: int = 15) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+    from bench.micro.unet_kernels import graphed
+
+    replay, _ = graphed(fn, calls)
     times = []
     for _ in range(rounds):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        g.replay()
+        replay()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / calls * 1000)
-    del g
     return statistics.median(times)
 
 

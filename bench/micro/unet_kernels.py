@@ -53,8 +53,9 @@ def kernel_table(prof, forwards: int) -> tuple[dict[str, float], list[tuple[str,
     return by_kind, rows
 
 
-def graphed(fn):
-    """Capture fn() in a CUDA graph (after warm-up on a side stream); returns (replay, output)."""
+def graphed(fn, calls: int = 1):
+    """Capture `calls` calls of fn() in one CUDA graph (after warm-up on a side stream); returns (replay, the
+    last call's output)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -63,7 +64,8 @@ def graphed(fn):
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = fn()
+        for _ in range(calls):
+            out = fn()
     torch.cuda.synchronize()
     return g.replay, out
 

@@ -92,7 +92,7 @@ class Fp8Layer(fp8ops.Fp8WeightStorage):
         `slot`: the layer's (group, index), looked up by the caller outside torch.compile."""
         w = None if slot is None else slot[0].view(slot[1], input)  # the block's graph already upcast it
         if w is None:
-            wb = _direct_params(self, input.device)  # the fp8 weight is upcast to the input's dtype
+            wb = _direct_params(self, input.device)  # upcast to the input's dtype unless the layer reads fp8
             if wb is None or wb[0] is None:
                 return None
             w = wb[0] if self.fp8_fused or self.fp8_compute else wb[0].to(input.dtype)
@@ -120,7 +120,7 @@ class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
         if self.fp8_compute:  # weight still fp8: fp8 tensor cores where the shapes allow, else the upcast
             if fp8ops.scaled_applicable(input, wb[0]):
                 return fp8ops.scaled_linear(input, wb[0], wb[1])
-            return F.linear(input, wb[0].to(input.dtype), wb[1])
+            return fp8ops.linear(input, wb[0], wb[1])
         if self.fp8_fused:  # weight still fp8: the fused kernel where it applies, else the upcast
             return fp8ops.linear(input, wb[0], wb[1], fused=True)
         return F.linear(input, wb[0], wb[1])
@@ -532,8 +532,8 @@ COMPUTE_TOOLTIP = (
     "On: Linear layers (87% of SDXL's weights) multiply on fp8 tensor cores: each call clamps its input "
     "activations to +-448 and rounds them to float8_e4m3fn, as ComfyUI's fp8_e4m3fn_fast does. This adds error "
     "on top of the fp8 weights (README: fp8 compute), so it is off by default. It pays under SDXLOpt Compile "
-    "(which fuses the rounding into the op before): 0.93x the compiled fp16 time on an H100; without compile "
-    "it is still faster than the default upcast there, not than fp16. Needs an RTX 40xx / Ada or Hopper GPU "
+    "(which fuses the rounding into the op before): 0.91x the compiled fp16 time on an H100; without Compile "
+    "the rounding is a separate pass and a forward measured 1.10x fp16 there: leave it off. Needs an RTX 40xx / Ada or Hopper GPU "
     "and a torch with _scaled_mm; elsewhere the load line warns once and the other matmul path runs. Takes "
     "precedence over fused_matmul. Convolutions always upcast.")
 

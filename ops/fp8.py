@@ -596,16 +596,17 @@ def plan(weight_dtype: str, device: torch.device | str, fused: bool = True, comp
     fp8 compute, where asked for and available, takes precedence over the fused kernel; where it cannot
     run, the plan falls back to the other choice and says why."""
     storage = resolve_storage_dtype(weight_dtype, device)
-    if compute:
-        ok, why = scaled_available(device, storage)
-        if ok:
-            return Fp8Plan(storage, False, why, compute=True)
-        base = plan(weight_dtype, device, fused=fused)
-        return Fp8Plan(storage, base.fused, f"fp8 compute unavailable: {why}; {base.reason}", degraded=True)
+    compute_ok, compute_why = scaled_available(device, storage) if compute else (False, "")
+    if compute_ok:
+        return Fp8Plan(storage, False, compute_why, compute=True)
     if not fused:
-        return Fp8Plan(storage, False, SWITCHED_OFF)
-    ok, why = fused_available(device, storage)
-    return Fp8Plan(storage, ok, why, degraded=not ok)
+        base = Fp8Plan(storage, False, SWITCHED_OFF)
+    else:
+        ok, why = fused_available(device, storage)
+        base = Fp8Plan(storage, ok, why, degraded=not ok)
+    if compute:
+        return Fp8Plan(storage, base.fused, f"fp8 compute unavailable: {compute_why}; {base.reason}", degraded=True)
+    return base
 
 
 def weight_bytes(module: torch.nn.Module) -> dict[str, int]:

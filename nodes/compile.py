@@ -54,6 +54,14 @@ WrappersMP = comfy.patcher_extension.WrappersMP
 CORE_COMPILE_KEY = "torch.compile"  # comfy_api.torch_helpers.torch_compile.COMPILE_KEY (APPLY_MODEL)
 CFG_CUTOFF_KEY = "sdxlopt_cfg_cutoff"  # nodes/cfg_cutoff.py's transformer_options entry
 UNET_ARGS = ("x", "timesteps", "context", "y", "control", "transformer_options")  # UNetModel.forward order
+# regional compilation (CompileConfig.regional): the repeated block and what of transformer_options it reads.
+# ComfyUI 0.3.75's BasicTransformerBlock.forward reads its block-level patches and attention replacements (keyed
+# by the block's position: "block", "block_index") and hands the dict to the attention function, which reads
+# "optimized_attention_override". Where the model has none of those patches and no attention override but ours,
+# each block sees only REGION_KEYS: the same for every block of one shape, so they are one region.
+REGION_BLOCK = getattr(comfy_attention, "BasicTransformerBlock", None)
+REGION_KEYS = ("optimized_attention_override",)
+BLOCK_PATCHES = ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch", "middle_patch")
 
 CACHE = cops.CompileCache()  # process-wide: compiled artifacts outlive runs, clones and prompts
 _LOGGED: set[str] = set()  # one-per-process log lines already written
@@ -160,6 +168,7 @@ class CompiledPath:
         self._signatures: dict[int, int] = {}
         self._first_call_graphs = 0
         self._first_call_seconds = 0.0
+        self._blocks: dict[int, list] = {}
 
     # --- run life cycle
 
@@ -196,7 +205,7 @@ class CompiledPath:
         cfg = self.config
         topts = _transformer_options(args, kwargs)
         family = (name, getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), id(fn),
-                  cfg.backend, cfg.effective_mode(device.type), cfg.dynamic, cfg.fullgraph, str(device),
+                  cfg.backend, cfg.effective_mode(device.type), cfg.dynamic, cfg.fullgraph, cfg.regional, str(device),
                   self._signature(args[0]), _patch_fingerprint(topts) if topts is not None else ())
         size = None if cfg.dynamic else cops.tensor_layout_key(args[1:], kwargs)
         kw = cops.compile_kwargs(cfg, device.type)
@@ -318,12 +327,20 @@ class CompiledPath:
         objs = _keepers(topts) if graphs and topts is not None else []
         before = cops.kept_tensors(objs)
         grad = torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+        blocks = self._region_blocks(entry, args[0], topts)
         try:
-            with grad:
+            with grad, cops.nested_regions(blocks, "transformer_options", REGION_KEYS) as n:
                 out, rec = cops.timed_call(lambda: entry(fn, args, kwargs))
+            self.stats.regional_blocks = max(self.stats.regional_blocks, n)
         except comfy.model_management.InterruptProcessingException:
             raise
-        except Exception as e:  # a compile that fails must not fail the image: this entry runs eager
+        except Exception as e:
+            if blocks:  # nested regions failed to compile: the whole forward, traced inline, once more
+                entry.regional_failed = cops.compile_error_summary(e)
+                self._regional_off(f"{entry.name}: nested regions failed to compile ({entry.regional_failed})",
+                                   logging.WARNING)
+                return self._invoke(entry, fn, args, kwargs, first)
+            # a compile that fails must not fail the image: this entry runs eager
             entry.failed = cops.compile_error_summary(e)
             self.stats.warned.add(entry.failed)
             self.stats.fallbacks.append(f"{entry.name}: {entry.failed}")
@@ -356,6 +373,30 @@ class CompiledPath:
                 out = out.clone()
         return True, out
 
+    def _region_blocks(self, entry: cops.CompiledEntry, module: Any, topts: dict | None) -> list:
+        """The transformer blocks of `module` to run as nested compile regions in this call ([] for none)."""
+        if not self.config.regional or entry.regional_failed or REGION_BLOCK is None \
+                or not isinstance(module, torch.nn.Module):
+            return []
+        if not cops.regional_supported():
+            self._regional_off(f"torch {torch.__version__} has no torch.compiler.nested_compile_region")
+            return []
+        why = _regional_refusal(topts or {})
+        if why:
+            self._regional_off(why)
+            return []
+        blocks = self._blocks.get(id(module))
+        if blocks is None:  # once per run: the module's structure does not change while sampling
+            blocks = self._blocks[id(module)] = [m for m in module.modules() if isinstance(m, REGION_BLOCK)]
+        return blocks
+
+    def _regional_off(self, why: str, level: int = logging.INFO) -> None:
+        if why not in self.stats.warned:
+            self.stats.warned.add(why)
+            self.stats.regional_off.append(why)
+            _log_once(f"regional:{why}", level, "SDXLOpt Compile: compiling whole forwards (each transformer "
+                      "block traced on its own: a longer first compile, same speed after it): %s.", why)
+
     def _report_first_call(self, name: str, args: tuple, kwargs: dict | None = None) -> None:
         if self._first_call_graphs:
             x = (kwargs or {}).get("x")
@@ -379,6 +420,23 @@ def _forward_options(topts: dict) -> dict:
                   comfy_attention.optimized_attention.__name__)
         out["optimized_attention_override"] = sdpa_attention_override
     return out
+
+
+def _regional_refusal(topts: dict) -> str | None:
+    """Why the transformer blocks cannot share one region per shape in this forward (None: they can): a patch
+    or attention function that may read more of transformer_options than REGION_KEYS (e.g. the block's
+    position), which a region does not pass on."""
+    patches = topts.get("patches") or {}
+    found = [k for k in BLOCK_PATCHES if patches.get(k)]
+    if found:
+        return f"transformer-block patches ({', '.join(found)}) see each block's position"
+    replace = topts.get("patches_replace") or {}
+    if replace.get("attn1") or replace.get("attn2"):
+        return "attention replacements (patches_replace attn1/attn2) are chosen per block"
+    override = topts.get("optimized_attention_override")
+    if override is not None and override is not sdpa_attention_override:
+        return "an attention override (optimized_attention_override) may read each block's position"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -509,6 +567,13 @@ class Compile(io.ComfyNode):
                                  tooltip="On: any graph break (a patch that cannot be compiled) makes the model "
                                          "run eager and the log names the line; for checking patches. Off: "
                                          "compile around breaks."),
+                io.Boolean.Input("regional", default=True, optional=True, **ADVANCED,
+                                 tooltip="On: each repeated transformer block is traced and compiled once and "
+                                         "reused for every block of the same shape (SDXL: 70 blocks, 3 shapes; "
+                                         "torch.compiler.nested_compile_region): a much shorter first compile, "
+                                         "still one CUDA graph per call. Models whose attention patches see the "
+                                         "block's position compile whole forwards (the log says why). Off: every "
+                                         "block traced on its own."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="A clone of the MODEL on the compiled path.")],
         )
@@ -516,9 +581,9 @@ class Compile(io.ComfyNode):
     @classmethod
     def execute(cls, model: io.Model.Type, mode: str = "reduce-overhead", dynamic_shapes: bool = False,
                 backend: str = "inductor", cache_size: int = cops.DEFAULT_CACHE_SIZE, warmup: bool = True,
-                fullgraph: bool = False) -> io.NodeOutput:
+                fullgraph: bool = False, regional: bool = True) -> io.NodeOutput:
         config = CompileConfig(backend=backend, mode=mode, dynamic=bool(dynamic_shapes), fullgraph=bool(fullgraph),
-                               cache_size=int(cache_size), warmup=bool(warmup))
+                               cache_size=int(cache_size), warmup=bool(warmup), regional=bool(regional))
         return io.NodeOutput(apply_compile(model, config))
 
 

@@ -25,6 +25,7 @@ The ComfyUI wiring (wrappers, warm-up, logging, the node) is in nodes/compile.py
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -62,6 +63,8 @@ class CompileConfig:
     cache_size: latent sizes kept compiled per model layout (static shapes); the least recently used
         size is dropped beyond it.
     warmup: compile the batches the run will need (the cond-only batch of a CFG cutoff) in the first call.
+    regional: trace and compile each repeated block once and reuse it for the blocks of the same shape
+        (nested_regions; the caller says which blocks): a shorter first compile, still one graph per call.
     """
 
     backend: str = "inductor"
@@ -70,6 +73,7 @@ class CompileConfig:
     fullgraph: bool = False
     cache_size: int = DEFAULT_CACHE_SIZE
     warmup: bool = True
+    regional: bool = True
 
     def validate(self) -> None:
         """Raise ValueError saying what was expected, what arrived and the fix."""
@@ -102,7 +106,8 @@ class CompileConfig:
     def describe(self, device_type: str) -> str:
         mode = self.effective_mode(device_type)
         shapes = "dynamic shapes" if self.dynamic else "static shapes"
-        return f"{self.backend}{' ' + mode if mode else ''}, {shapes}"
+        regional = ", repeated blocks compiled once" if self.regional and regional_supported() else ""
+        return f"{self.backend}{' ' + mode if mode else ''}, {shapes}{regional}"
 
 
 def _registered_backends() -> list[str]:
@@ -252,6 +257,7 @@ class CompiledEntry:
     name: str
     fn: Callable
     failed: str | None = None  # why this entry runs eager from now on
+    regional_failed: str | None = None  # why this entry compiles whole forwards (no nested regions) from now on
     compile_seconds: float = 0.0
     graphs: int = 0
     calls: int = 0
@@ -296,6 +302,53 @@ class CompileCache:
 
     def clear(self) -> None:
         self.families.clear()
+
+
+# --------------------------------------------------------------------------------------------------------
+# regional compilation: each repeated block traced and compiled once, stamped out for the others
+
+def regional_supported() -> bool:
+    """torch.compiler.nested_compile_region exists (torch >= 2.8)."""
+    return hasattr(torch.compiler, "nested_compile_region")
+
+
+@functools.cache
+def region_forward(cls: type, options_kwarg: str, keep: frozenset[str]) -> Callable:
+    """The forward a `cls` instance runs inside a compiled call: cls.forward as a nested compile region, fed
+    only the `keep` entries of its `options_kwarg` dict. A region's inputs are guarded entry by entry, so every
+    other entry (per-block positions, per-run ids, other nodes' wrappers) would make blocks differ, or runs
+    recompile; the caller keeps what the block reads. One function per (class, keys): the function a guard
+    sees is the same at every call."""
+    marked = torch.compiler.nested_compile_region(cls.forward)
+
+    def forward(self, *args, **kwargs):
+        options = kwargs.get(options_kwarg)
+        if isinstance(options, dict):
+            kwargs = {**kwargs, options_kwarg: {k: v for k, v in options.items() if k in keep}}
+        return marked(self, *args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = f"sdxlopt_region_{cls.__name__}"
+    return forward
+
+
+@contextlib.contextmanager
+def nested_regions(blocks: Sequence[torch.nn.Module], options_kwarg: str, keep: Iterable[str]):
+    """While the block is open (around a compiled call, outside the compiled region), each of `blocks` runs
+    region_forward: dynamo traces one block of each shape and reuses that graph for the others. The blocks'
+    own forward is restored on exit; a block that already has an instance-level forward (someone else's patch)
+    is left alone and traced inline. Yields how many were set."""
+    keys = frozenset(keep)
+    installed = []
+    try:
+        for b in blocks:
+            if "forward" in b.__dict__:
+                continue
+            b.forward = types.MethodType(region_forward(type(b), options_kwarg, keys), b)
+            installed.append(b)
+        yield len(installed)
+    finally:
+        for b in installed:
+            b.__dict__.pop("forward", None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -344,6 +397,8 @@ class CompileRunStats:
     sampling_graphs: int = 0  # graphs compiled after the warm-up: a recompile mid-sampling
     sampling_seconds: float = 0.0
     fallbacks: list[str] = field(default_factory=list)
+    regional_blocks: int = 0  # blocks that ran as nested compile regions in a compiled call (most in one call)
+    regional_off: list[str] = field(default_factory=list)  # why calls compiled without nested regions
     warned: set[str] = field(default_factory=set)
 
     def clone(self) -> CompileRunStats:
@@ -367,6 +422,10 @@ class CompileRunStats:
             line += ", no compile (reused compiled graphs)"
         if self.sampling_graphs:
             line += f", {self.sampling_graphs} recompiled during sampling ({self.sampling_seconds:.1f} s)"
+        if self.regional_blocks:
+            line += f", {self.regional_blocks} blocks as reused regions"
+        if self.regional_off:
+            line += f"; whole forwards traced because: {'; '.join(self.regional_off)}"
         if self.fallbacks:
             line += f"; eager because: {'; '.join(self.fallbacks)}"
         return line

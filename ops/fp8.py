@@ -341,6 +341,9 @@ def scaled_applicable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.numel() > 0 and (x.numel() // k) % SCALED_ALIGN == 0)
 
 
+# Hopper's fast fp8 accumulation (no periodic promotion of the partial sums to fp32); read when a call is made
+# or traced
+SCALED_FAST_ACCUM = False
 _ONES: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
@@ -379,7 +382,7 @@ def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     y = torch._scaled_mm(xq, weight.t(), scale_a=scale, scale_b=_unit_scale(x.device), bias=bias,
-                         out_dtype=x.dtype)
+                         out_dtype=x.dtype, use_fast_accum=SCALED_FAST_ACCUM)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

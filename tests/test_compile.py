@@ -390,6 +390,116 @@ def test_a_new_resolution_compiles_once_and_known_ones_are_reused(plain_run, sma
     assert graphs8 == graphs12 == 0, f"expected known sizes reused, got {graphs8}, {graphs12} new graphs"
 
 
+# ---------------------------------------------------------------- regional compilation (repeated blocks once)
+
+REGIONAL_UNET = dict(SMALL_UNET, transformer_depth=[0, 3], transformer_depth_output=[0, 0, 3, 3],
+                     transformer_depth_middle=3)  # 12 transformer blocks of one shape
+
+
+def traced_ops() -> int:
+    """Calls dynamo has traced into graphs in this process so far (its `calls_captured` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["calls_captured"])
+
+
+def blocks_of(model) -> list:
+    import comfy.ldm.modules.attention as attention
+
+    return [m for m in model.model.diffusion_model.modules() if isinstance(m, attention.BasicTransformerBlock)]
+
+
+@pytest.fixture(scope="module")
+def deep():
+    return factories.tiny_unet(1, unet_config=REGIONAL_UNET)
+
+
+def test_regional_traces_one_block_per_shape_and_equals_the_whole_forward(deep):
+    """12 transformer blocks as nested compile regions: dynamo traces about a quarter of the ops the whole
+    forward needs, the output is the eager one, a second run and a LoRA reuse the graphs, and no block keeps
+    the forward the compiled call gave it."""
+    ref = sample(eager(deep))
+    t0 = traced_ops()
+    whole, _, whole_stats = run_counted(compiled(deep, regional=False))
+    t1 = traced_ops()
+    out, graphs, stats = run_counted(compiled(deep))
+    t2 = traced_ops()
+    close(whole, ref)
+    close(out, ref)
+    assert_all_compiled(stats)
+    assert whole_stats.regional_blocks == 0 and stats.regional_blocks == 12 and stats.regional_off == [], \
+        f"expected 12 blocks as regions (none when off), got {stats.regional_blocks} ({stats.regional_off})"
+    whole_ops, regional_ops = t1 - t0, t2 - t1
+    assert regional_ops < 0.5 * whole_ops, \
+        f"expected the regional trace under half the whole one, got {regional_ops} vs {whole_ops} ops"
+    assert graphs == 1, f"expected the regional forward to be one graph, got {graphs}"
+    assert all("forward" not in b.__dict__ for b in blocks_of(deep)), "expected every block's forward restored"
+    again, graphs2, _ = run_counted(compiled(with_lora(deep, tiny_lora(deep, seed=3), 0.7)))
+    assert graphs2 == 0, f"expected a LoRA to reuse the regional graph, got {graphs2} new graphs"
+    close(again, sample(eager(with_lora(deep, tiny_lora(deep, seed=3), 0.7))))
+
+
+def test_regional_stacks_with_cutoff_deepcache_and_freeu_without_recompiles(deep):
+    build = lambda m: cfg_cutoff(deepcache(freeu(m), 2), 0.5)  # noqa: E731
+    ref = sample(eager(build(deep)), steps=DC_STEPS)
+    out, graphs, stats = run_counted(compiled(build(deep)), steps=DC_STEPS)
+    close(out, ref)
+    assert_all_compiled(stats)
+    assert stats.regional_blocks == 12
+    out2, graphs2, stats2 = run_counted(compiled(build(deep)), steps=DC_STEPS)
+    assert graphs2 == 0 and stats2.sampling_graphs == 0 and torch.equal(out2, out)
+
+
+def test_regional_is_refused_where_a_block_patch_reads_the_position_and_the_log_says_why(deep, caplog):
+    caplog.set_level(logging.INFO)
+
+    def attn1_patch(n, context_attn1, value_attn1, extra_options):  # reads the block's position
+        return n * (1.0 + 0.1 * extra_options["block_index"]), context_attn1, value_attn1
+
+    m = deep.clone()
+    m.set_model_attn1_patch(attn1_patch)
+    ref = sample(eager(m))
+    out, _, stats = run_counted(compiled(m))
+    close(out, ref)
+    assert_all_compiled(stats)
+    assert stats.regional_blocks == 0 and len(stats.regional_off) == 1 and "attn1_patch" in stats.regional_off[0]
+    assert bridge.rel_err(ref, sample(eager(deep))) > 1e-3, "expected the patch to change the output"
+    assert any("compiling whole forwards" in r.getMessage() and "attn1_patch" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_region_that_fails_to_compile_compiles_the_whole_forward_instead(deep, monkeypatch, caplog):
+    """A nested region whose trace breaks (fullgraph=True makes it an error): the same call retries without
+    regions, the image is the eager one, every call compiled, and the blocks are restored."""
+    import contextlib
+
+    import torch._dynamo
+
+    real = ocomp.nested_regions
+
+    @contextlib.contextmanager
+    def breaking_regions(blocks, options_kwarg, keep):
+        def broken(self, *args, **kwargs):
+            torch._dynamo.graph_break()
+            return type(self).forward(self, *args, **kwargs)
+
+        with real(blocks, options_kwarg, keep) as n:
+            for b in blocks:
+                b.forward = broken.__get__(b)
+            yield n
+
+    monkeypatch.setattr(ocomp, "nested_regions", breaking_regions)
+    caplog.set_level(logging.WARNING)
+    m = eager(deep)
+    m.set_model_input_block_patch(lambda h, transformer_options: h * 1.0)  # a stack of its own
+    out, _, stats = run_counted(compiled(m))
+    close(out, sample(m))
+    assert_all_compiled(stats)
+    assert len(stats.regional_off) == 1 and "nested regions failed" in stats.regional_off[0], stats.regional_off
+    assert any("nested regions failed" in r.getMessage() for r in caplog.records)
+    assert all("forward" not in b.__dict__ for b in blocks_of(deep))
+
+
 def _cpu_tensors_in_graph(model, transformer_options: dict) -> list[str]:
     """Trace the model's forward on the meta device (a stand-in for a GPU) with a capturing backend and list
     the graph nodes that make CPU tensors: inductor skips CUDA graphs for a graph with any."""

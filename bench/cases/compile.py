@@ -1,6 +1,9 @@
 """Compiled path (SDXLOpt Compile): 50 steps, cfg 5, compiled (inductor + CUDA graphs), alone, with a CFG cutoff
 at 50%, with DeepCache (interval 3) + the cutoff, and with fp8 weights; plus the first-call compile time.
 
+Rows use the node's defaults (regional compilation: each repeated transformer block traced and compiled once)
+unless they say otherwise; `plain_whole` is the first row with regional compilation off.
+
 Issue 8 targets on an H100/H200 (same run): compiled <= 1.2 s/image; + cutoff 50% <= 0.9 s; + DeepCache 3 +
 cutoff <= 0.5 s; fp8 + compile no slower than fp16 + compile; first-call compile <= 90 s.
 
@@ -57,11 +60,11 @@ class Variant:
     notes: list[str] = field(default_factory=list)  # filled by build()
 
 
-def _compile(model, backend: str, mode: str):
+def _compile(model, backend: str, mode: str, regional: bool = True):
     from sdxl_optimizer.nodes.compile import apply_compile
     from sdxl_optimizer.ops.compile import CompileConfig
 
-    return apply_compile(model, CompileConfig(backend=backend, mode=mode))
+    return apply_compile(model, CompileConfig(backend=backend, mode=mode, regional=regional))
 
 
 def _cutoff(model, fraction: float):
@@ -159,6 +162,9 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
 
     out = [
         Variant("plain", f"compiled, cfg {ctx.cfg}", lambda: _compile(base, backend, mode), 1, cfg),
+        # the node's regional compilation off: every transformer block traced on its own (files before session 9)
+        Variant("plain_whole", f"compiled, whole forward traced (regional off), cfg {ctx.cfg}",
+                lambda: _compile(base, backend, mode, regional=False), 1, f"{cfg}, regional off"),
         Variant("cutoff", f"compiled + CFG cutoff 50%, cfg {ctx.cfg}", lambda: _compile(_cutoff(base, 0.5), *later), 1,
                 fallback),
         Variant("deepcache_cutoff", f"compiled + DeepCache 3 + CFG cutoff 50%, cfg {ctx.cfg}",

@@ -6,7 +6,8 @@ quantizing the activations costs, by activation-scale scheme.
 
 Schemes: "dynamic" (one scale per call from the call's largest |x|: a reduction, then the scaled cast; the
 first version of the option), "unit" (ops/fp8.py quantize_activation: scale 1, clamp to +-448, one cast, as
-ComfyUI's fp8_e4m3fn_fast; the option since this measurement).
+ComfyUI's fp8_e4m3fn_fast; the option since this measurement); "unit fast": the same with Hopper's fast
+fp8 accumulation (`use_fast_accum`, ops/fp8.py SCALED_FAST_ACCUM).
 1. The six Linear shapes of SDXL's transformer blocks at batch 2, 1024x1024: fp16 F.linear vs _scaled_mm on
    pre-quantized input vs the whole fp8 linear per scheme; 20 calls captured in a CUDA graph, median of 15.
 2. One batch-2 forward of the full UNet (random weights) captured in a CUDA graph: stock fp16, fp8 storage
@@ -62,13 +63,18 @@ def shape_row(m: int, k: int, n: int, gen, schemes) -> None:
     b = torch.zeros(n, device=dev, dtype=torch.float16)
     xq, scale = dynamic_quantize(x)
     one = ofp8._unit_scale(dev)
-    row = {"fp16": graph_ms(lambda: F.linear(x, w16, b)),
-           "fp8 mm only": graph_ms(lambda: torch._scaled_mm(xq, w8.t(), scale_a=scale, scale_b=one, bias=b,
-                                                             out_dtype=torch.float16))}
+    row = {"fp16": graph_ms(lambda: F.linear(x, w16, b))}
+    for fast in (False, True):
+        row[f"fp8 mm only{' fast' if fast else ''}"] = graph_ms(
+            lambda fast=fast: torch._scaled_mm(xq, w8.t(), scale_a=scale, scale_b=one, bias=b,
+                                               out_dtype=torch.float16, use_fast_accum=fast))
     for name, q in schemes.items():
         ofp8.quantize_activation = q
         row[f"fp8 {name}"] = graph_ms(lambda: ofp8.scaled_linear(x, w8, b))
     ofp8.quantize_activation = schemes["unit"]
+    ofp8.SCALED_FAST_ACCUM = True
+    row["fp8 unit fast"] = graph_ms(lambda: ofp8.scaled_linear(x, w8, b))
+    ofp8.SCALED_FAST_ACCUM = False
     tflops = 2 * m * k * n / 1e9
     print(f"  {m}x{k}x{n}: " + ", ".join(f"{k_} {v * 1000:.1f} us ({tflops / v:.0f} TFLOP/s)" for k_, v in row.items()))
 
@@ -108,13 +114,16 @@ def main() -> None:
         ref = fwd(base).float()
         rows = [("fp16 (stock)", base, None), ("fp8 storage (per-layer upcast)", models["fp8 storage (per-layer upcast)"], None)]
         rows += [(f"fp8 compute, {s}", models["fp8 compute"], s) for s in schemes]
+        rows += [("fp8 compute, unit, fast accum", models["fp8 compute"], "unit fast")]
         res = {}
         for name, p, scheme in rows:
-            ofp8.quantize_activation = schemes[scheme or "unit"]
+            ofp8.quantize_activation = schemes[(scheme or "unit").split()[0]]
+            ofp8.SCALED_FAST_ACCUM = bool(scheme and scheme.endswith("fast"))
             out = fwd(p).float()
             err = float((out - ref).abs().max() / ref.abs().max())
             res[name] = (graph_ms(lambda p=p: fwd(p), calls=3, rounds=10), err)
         ofp8.quantize_activation = schemes["unit"]
+        ofp8.SCALED_FAST_ACCUM = False
         for name, (ms, err) in res.items():
             print(f"  {name:34s} {ms:7.2f} ms  {ms / res['fp16 (stock)'][0]:.3f}x  rel.err {err:.3f}")
 

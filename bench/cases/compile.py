@@ -252,6 +252,11 @@ def run(ctx: BenchContext) -> None:
                         graphs_later_runs=sum(r.warmup_graphs + r.sampling_graphs for r in later),
                         recompiles_mid_run=first.sampling_graphs + sum(r.sampling_graphs for r in later),
                         compiled_calls=last.compiled_calls, eager_calls=last.eager_calls, **per_call, notes=notes)
+            if os.environ.get("SDXLOPT_BENCH_COMPILE_TIMES") == "1":  # where compile time goes (cumulative)
+                import torch._dynamo.utils
+
+                print(f"[compile times after {v.key}]\n{torch._dynamo.utils.compile_times(repr='str', aggregate=True)}",
+                      flush=True)
         except Exception as e:  # one broken configuration must not lose the others' figures
             traceback.print_exc()
             ctx.add_row(CASE, v.name, config=v.config, notes=f"FAILED: {type(e).__name__}: {e}"[:300])

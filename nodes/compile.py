@@ -533,7 +533,7 @@ class Compile(io.ComfyNode):
             category=f"{CATEGORY}/speed",
             description="Runs the UNet compiled (torch.compile; CUDA graphs with reduce-overhead), keeping every "
                         "patch: LoRA, FP8 weights, FreeU, DeepCache, CFG cutoff, in any order. The first step "
-                        "of the first run compiles (about a minute for SDXL; the log says how long), including "
+                        "of the first run compiles (about 70-90 s per graph for SDXL on an H100 host; the log says how long), including "
                         "the smaller batch a CFG cutoff switches to; later runs, LoRA changes and known sizes "
                         "reuse it. Put it anywhere after the loader. CPU/MPS and failed compiles run eager.",
             inputs=[

@@ -532,8 +532,8 @@ COMPUTE_TOOLTIP = (
     "On: Linear layers (87% of SDXL's weights) multiply on fp8 tensor cores: each call clamps its input "
     "activations to +-448 and rounds them to float8_e4m3fn, as ComfyUI's fp8_e4m3fn_fast does. This adds error "
     "on top of the fp8 weights (README: fp8 compute), so it is off by default. It pays under SDXLOpt Compile "
-    "(which fuses the rounding into the op before): 0.91x the compiled fp16 time on an H100; without Compile "
-    "the rounding is a separate pass and a forward measured 1.10x fp16 there: leave it off. Needs an RTX 40xx / Ada or Hopper GPU "
+    "(which fuses the rounding into the op before): 0.90x the compiled fp16 time on an H100; without Compile "
+    "the rounding is a separate pass and a forward measured 1.08x fp16 there: leave it off. Needs an RTX 40xx / Ada or Hopper GPU "
     "and a torch with _scaled_mm; elsewhere the load line warns once and the other matmul path runs. Takes "
     "precedence over fused_matmul. Convolutions always upcast.")
 

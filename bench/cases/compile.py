@@ -58,6 +58,7 @@ class Variant:
     new_graphs: int  # graphs it will compile that earlier rows did not (budget estimate)
     config: str
     notes: list[str] = field(default_factory=list)  # filled by build()
+    eager: Callable[[], object] | None = None  # () -> the same stack without Compile (rel_err_vs_eager column)
 
 
 def _compile(model, backend: str, mode: str, regional: bool = True):
@@ -161,14 +162,16 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
     compute_notes: list[str] = []
 
     out = [
-        Variant("plain", f"compiled, cfg {ctx.cfg}", lambda: _compile(base, backend, mode), 1, cfg),
+        Variant("plain", f"compiled, cfg {ctx.cfg}", lambda: _compile(base, backend, mode), 1, cfg,
+                eager=lambda: base),
         # the node's regional compilation off: every transformer block traced on its own (files before session 9)
         Variant("plain_whole", f"compiled, whole forward traced (regional off), cfg {ctx.cfg}",
-                lambda: _compile(base, backend, mode, regional=False), 1, f"{cfg}, regional off"),
+                lambda: _compile(base, backend, mode, regional=False), 1, f"{cfg}, regional off", eager=lambda: base),
         Variant("cutoff", f"compiled + CFG cutoff 50%, cfg {ctx.cfg}", lambda: _compile(_cutoff(base, 0.5), *later), 1,
-                fallback),
+                fallback, eager=lambda: _cutoff(base, 0.5)),
         Variant("deepcache_cutoff", f"compiled + DeepCache 3 + CFG cutoff 50%, cfg {ctx.cfg}",
-                lambda: _compile(_cutoff(_deepcache(base, 3), 0.5), *later), 2, fallback),
+                lambda: _compile(_cutoff(_deepcache(base, 3), 0.5), *later), 2, fallback,
+                eager=lambda: _cutoff(_deepcache(base, 3), 0.5)),
         # FreeU's overhead where timings are stable (eager drifts by more than the 3% target)
         Variant("freeu", f"compiled + FreeU SDXL v1 (matmul filter), cfg {ctx.cfg} (vs row 1)",
                 lambda: _compile(_freeu(base), *later), 1, fallback),
@@ -237,6 +240,11 @@ def run(ctx: BenchContext) -> None:
                 return out
 
             m = ctx.measure(once)
+            extra = {}
+            if v.eager is not None:  # the compiled image against the same stack's eager one (same seed)
+                ref = ctx.sample(v.eager()).float()
+                got = m.result.float()
+                extra["rel_err_vs_eager"] = float((got - ref).abs().max() / ref.abs().max())
             held = ctx.held_gib(lambda m=model: ctx.sample(m))  # counts the CUDA-graph pool a replay runs in
             per_call = call_ms_by_batch(calls) if cuda else {}
             last = later[-1]
@@ -251,7 +259,8 @@ def run(ctx: BenchContext) -> None:
                         graphs_first_run=first.warmup_graphs + first.sampling_graphs,
                         graphs_later_runs=sum(r.warmup_graphs + r.sampling_graphs for r in later),
                         recompiles_mid_run=first.sampling_graphs + sum(r.sampling_graphs for r in later),
-                        compiled_calls=last.compiled_calls, eager_calls=last.eager_calls, **per_call, notes=notes)
+                        compiled_calls=last.compiled_calls, eager_calls=last.eager_calls, **per_call, **extra,
+                        notes=notes)
             if os.environ.get("SDXLOPT_BENCH_COMPILE_TIMES") == "1":  # where compile time goes (cumulative)
                 import torch._dynamo.utils
 

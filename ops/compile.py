@@ -305,7 +305,7 @@ class CompileCache:
 
 
 # --------------------------------------------------------------------------------------------------------
-# regional compilation: each repeated block traced and compiled once, stamped out for the others
+# regional compilation: repeated blocks marked as nested compile regions, so one graph serves each shape
 
 def regional_supported() -> bool:
     """torch.compiler.nested_compile_region exists (torch >= 2.8)."""
@@ -334,7 +334,7 @@ def region_forward(cls: type, options_kwarg: str, keep: frozenset[str]) -> Calla
 @contextlib.contextmanager
 def nested_regions(blocks: Sequence[torch.nn.Module], options_kwarg: str, keep: Iterable[str]):
     """While the block is open (around a compiled call, outside the compiled region), each of `blocks` runs
-    region_forward: dynamo traces one block of each shape and reuses that graph for the others. The blocks'
+    region_forward, so the compiler can reuse one block's graph for the others of its shape. The blocks'
     own forward is restored on exit; a block that already has an instance-level forward (someone else's patch)
     is left alone and traced inline. Yields how many were set."""
     keys = frozenset(keep)

@@ -1,8 +1,8 @@
 """Compiled path (SDXLOpt Compile): 50 steps, cfg 5, compiled (inductor + CUDA graphs), alone, with a CFG cutoff
 at 50%, with DeepCache (interval 3) + the cutoff, and with fp8 weights; plus the first-call compile time.
 
-Rows use the node's defaults (regional compilation: each repeated transformer block traced and compiled once)
-unless they say otherwise; `plain_whole` is the first row with regional compilation off.
+Rows use the node's defaults (regional compilation: repeated transformer blocks as nested compile regions)
+unless they say otherwise; `plain_whole` is row 1 with regional compilation off.
 
 Issue 8 targets on an H100/H200 (same run): compiled <= 1.2 s/image; + cutoff 50% <= 0.9 s; + DeepCache 3 +
 cutoff <= 0.5 s; fp8 + compile no slower than fp16 + compile; first-call compile <= 90 s.

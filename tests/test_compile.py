@@ -192,6 +192,27 @@ def test_cache_is_bounded_per_family_and_each_entry_has_its_own_code_object():
     assert e1(lambda x, y=0: x + y, (1,), {"y": 2}) == 3
 
 
+def test_nested_regions_set_and_restore_block_forwards_and_pass_only_the_kept_options():
+    class Block(torch.nn.Module):
+        def forward(self, x, transformer_options=None):
+            return x + len(transformer_options or {})
+
+    blocks = [Block() for _ in range(3)]
+    own = blocks[2].forward = lambda x, transformer_options=None: x * 0  # someone else's instance patch
+    x = torch.zeros(2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ocomp.nested_regions(blocks, "transformer_options", ["keep"]) as n:
+            assert n == 2, f"expected the 2 blocks without an own forward set, got {n}"
+            assert blocks[0].forward.__func__ is blocks[1].forward.__func__, "expected one region function"
+            out = blocks[0](x, transformer_options={"keep": 1, "block": ("input", 4), "uuids": [1, 2]})
+            assert torch.equal(out, x + 1), "expected the block to see only the kept entry"
+            assert blocks[2].forward is own
+            raise RuntimeError("boom")  # a failing compiled call: the forwards are restored all the same
+    assert "forward" not in blocks[0].__dict__ and "forward" not in blocks[1].__dict__
+    assert blocks[2].forward is own
+    assert torch.equal(blocks[0](x, transformer_options={"a": 1, "b": 2}), x + 2)
+
+
 def test_chunks_of_a_cond_batch_and_cudagraph_output_copies():
     x = torch.arange(6.0).reshape(6, 1)  # 2 chunks of 3 rows
     assert ocomp.positive_chunks([1, 0]) == [1]

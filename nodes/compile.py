@@ -387,6 +387,9 @@ class CompiledPath:
         if not cops.regional_supported():
             self._regional_off(f"torch {torch.__version__} has no torch.compiler.nested_compile_region")
             return []
+        if self.config.dynamic:  # tested: a region with symbolic sizes fails to trace (data-dependent guard)
+            self._regional_off("dynamic_shapes is on (nested regions compile static shapes only)")
+            return []
         why = _regional_refusal(topts or {})
         if why:
             self._regional_off(why)
@@ -579,7 +582,7 @@ class Compile(io.ComfyNode):
                                          "block's work for the others of its shape: a shorter first compile (H100: "
                                          "79 vs 108 s), still one CUDA graph per call, same speed. Models whose "
                                          "attention patches see the block's position compile whole forwards (the "
-                                         "log says why). Off: every block traced on its own."),
+                                         "log says why), and so does dynamic_shapes. Off: every block traced on its own."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="A clone of the MODEL on the compiled path.")],
         )

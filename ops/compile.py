@@ -63,8 +63,9 @@ class CompileConfig:
     cache_size: latent sizes kept compiled per model layout (static shapes); the least recently used
         size is dropped beyond it.
     warmup: compile the batches the run will need (the cond-only batch of a CFG cutoff) in the first call.
-    regional: trace and compile each repeated block once and reuse it for the blocks of the same shape
-        (nested_regions; the caller says which blocks): a shorter first compile, still one graph per call.
+    regional: mark the repeated blocks as nested compile regions (nested_regions; the caller says which
+        blocks) so that one block's graph serves its shape: a shorter first compile, still one graph per
+        call. Static shapes only (ignored with dynamic).
     """
 
     backend: str = "inductor"
@@ -106,7 +107,7 @@ class CompileConfig:
     def describe(self, device_type: str) -> str:
         mode = self.effective_mode(device_type)
         shapes = "dynamic shapes" if self.dynamic else "static shapes"
-        regional = ", repeated blocks compiled once" if self.regional and regional_supported() else ""
+        regional = ", repeated blocks as regions" if self.regional and not self.dynamic and regional_supported() else ""
         return f"{self.backend}{' ' + mode if mode else ''}, {shapes}{regional}"
 
 

@@ -471,6 +471,21 @@ def test_regional_stacks_with_cutoff_deepcache_and_freeu_without_recompiles(deep
     assert graphs2 == 0 and stats2.sampling_graphs == 0 and torch.equal(out2, out)
 
 
+def test_dynamic_shapes_compile_whole_forwards_one_graph_for_two_sizes(deep):
+    """A nested region with symbolic sizes fails to trace (tested: a data-dependent guard), so dynamic_shapes
+    skips regions, says so, and still serves two latent sizes with one graph."""
+    assert ocomp.compiler_problem(TEST_CONFIG, "cpu") is None  # the one-time self-test: not counted below
+    out14, graphs14, stats = run_counted(compiled(deep, dynamic=True), size=14)
+    out16, graphs16, stats16 = run_counted(compiled(deep, dynamic=True), size=16)
+    close(out14, sample(eager(deep), size=14))
+    close(out16, sample(eager(deep), size=16))
+    assert_all_compiled(stats)
+    assert_all_compiled(stats16)
+    assert stats.regional_blocks == 0 and stats.regional_off == ["dynamic_shapes is on (nested regions compile "
+                                                                 "static shapes only)"], stats.regional_off
+    assert graphs14 == 1 and graphs16 == 0, f"expected one symbolic graph for both sizes, got {graphs14} + {graphs16}"
+
+
 def test_regional_is_refused_where_a_block_patch_reads_the_position_and_the_log_says_why(deep, caplog):
     caplog.set_level(logging.INFO)
 

@@ -323,6 +323,11 @@ def alternated_cuda_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup
     return times
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (in float64): how the bench and the micros compare an output with its reference."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
 def kernel_us(prof) -> float:
     """Total GPU kernel time (us) of a torch.profiler run: the device entries only. With CPU activity on, each
     CPU op also carries its kernels' time as self device time; summing every entry would count kernels twice."""

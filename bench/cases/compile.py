@@ -38,7 +38,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..common import BenchContext
+from ..common import BenchContext, rel_err
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,7 @@ def run(ctx: BenchContext) -> None:
             m = ctx.measure(once)
             extra = {}
             if v.eager is not None:  # the compiled image against the same stack's eager one (same seed)
-                ref = ctx.sample(v.eager()).float()
-                got = m.result.float()
-                extra["rel_err_vs_eager"] = float((got - ref).abs().max() / ref.abs().max())
+                extra["rel_err_vs_eager"] = rel_err(m.result, ctx.sample(v.eager()))
             held = ctx.held_gib(lambda m=model: ctx.sample(m))  # counts the CUDA-graph pool a replay runs in
             per_call = call_ms_by_batch(calls) if cuda else {}
             last = later[-1]

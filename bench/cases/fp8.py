@@ -39,7 +39,7 @@ import traceback
 
 import torch
 
-from ..common import GIB, BenchContext
+from ..common import GIB, BenchContext, rel_err
 
 # SDXLOPT_BENCH_FP8_FUSED=0: the fused Triton rows report their error only (their timing, ~2x fp16 on an
 # H100, is in earlier results; leaves room for more rows in one 10-minute device command)
@@ -66,10 +66,6 @@ def _forward(patcher, inp: dict) -> torch.Tensor:
     with torch.inference_mode():
         out = patcher.model.diffusion_model(inp["x"], timesteps=inp["t"], context=inp["context"], y=inp["y"])
     return out.float().cpu()
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
 
 
 def _build(ctx: BenchContext, sd: dict, model_options: dict):
@@ -182,7 +178,7 @@ def run(ctx: BenchContext) -> None:
                 model.model.diffusion_model.__dict__[GROUPS_ATTR][0].scratch.batched = None
             if graph:
                 attach_forward_graph(model)
-            err = _rel_err(_forward(model, inp), ref)
+            err = rel_err(_forward(model, inp), ref)
             extras[name] = {"rel_err": round(err, 5), "weights_gib": _weights_gib(model), "path": path}
             if timed:
                 models[name] = model

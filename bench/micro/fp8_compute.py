@@ -81,7 +81,7 @@ def shape_row(m: int, k: int, n: int, gen, schemes) -> None:
 
 def main() -> None:
     from bench.cases.fp8 import _build, _forward_inputs
-    from bench.common import BenchContext
+    from bench.common import BenchContext, rel_err
 
     ctx = BenchContext(small=False, out_dir=None)  # boots ComfyUI, which makes the pack importable
     from sdxl_optimizer.ops import fp8 as ofp8
@@ -120,7 +120,7 @@ def main() -> None:
             ofp8.quantize_activation = schemes[(scheme or "unit").split()[0]]
             ofp8.SCALED_FAST_ACCUM = bool(scheme and scheme.endswith("fast"))
             out = fwd(p).float()
-            err = float((out - ref).abs().max() / ref.abs().max())
+            err = rel_err(out, ref)
             res[name] = (graph_ms(lambda p=p: fwd(p), calls=3, rounds=10), err)
         ofp8.quantize_activation = schemes["unit"]
         ofp8.SCALED_FAST_ACCUM = False

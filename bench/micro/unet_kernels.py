@@ -87,7 +87,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from bench.cases.fp8 import _forward_inputs
-    from bench.common import BenchContext
+    from bench.common import BenchContext, rel_err
 
     ctx = BenchContext(small=False, out_dir=None)
     import comfy.model_management as mm
@@ -141,7 +141,7 @@ def main() -> None:
         base_ms = ms["stock (NCHW, default attention)"]
         print("\nCUDA-graph replay of one batch-2 1024x1024 forward (GPU time only), median of 20x5:")
         for name, v in ms.items():
-            err = ((outs[name].float() - ref).abs().max() / ref.abs().max()).item()
+            err = rel_err(outs[name], ref)
             print(f"  {name:42s} {v:7.2f} ms  {v / base_ms:5.3f}x  rel.err {err:.1e}")
         replays.clear()
         outs.clear()
@@ -195,7 +195,7 @@ def main() -> None:
     ref = outs["compiled stock"].float()
     print("\ncompiled, CUDA-graph replay, alternated:")
     for name, v in ms.items():
-        err = ((outs[name].float() - ref).abs().max() / ref.abs().max()).item()
+        err = rel_err(outs[name], ref)
         print(f"  {name:42s} {v:7.2f} ms  {v / ms['compiled stock']:5.3f}x  rel.err {err:.1e}")
 
 

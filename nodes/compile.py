@@ -206,8 +206,7 @@ class CompiledPath:
         cfg = self.config
         topts = _transformer_options(args, kwargs)
         family = (name, getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), id(fn),
-                  cfg.backend, cfg.effective_mode(device.type), cfg.dynamic, cfg.fullgraph, cfg.regional, cfg.symbolic_batch,
-                  str(device),
+                  cfg.backend, cfg.effective_mode(device.type), cfg.dynamic, cfg.fullgraph, cfg.regional, str(device),
                   self._signature(args[0]), _patch_fingerprint(topts) if topts is not None else ())
         size = None if cfg.dynamic else cops.tensor_layout_key(args[1:], kwargs)
         kw = cops.compile_kwargs(cfg, device.type)
@@ -330,24 +329,18 @@ class CompiledPath:
         before = cops.kept_tensors(objs)
         grad = torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
         blocks = self._region_blocks(entry, args[0], topts)
-        batch = self._batch_values(entry, args, kwargs, topts)
         t0 = time.perf_counter()
         try:
-            with grad, cops.nested_regions(blocks, "transformer_options", REGION_KEYS) as n, \
-                    cops.batch_symbolic(batch):
+            with grad, cops.nested_regions(blocks, "transformer_options", REGION_KEYS) as n:
                 out, rec = cops.timed_call(lambda: entry(fn, args, kwargs))
             self.stats.regional_blocks = max(self.stats.regional_blocks, n)
         except comfy.model_management.InterruptProcessingException:
             raise
         except Exception as e:
-            if blocks or batch:  # retry without the newer option first: the symbolic batch, then regions
-                why = cops.compile_error_summary(e)
-                if batch:  # one graph per batch size
-                    entry.batch_failed = why
-                    self._batch_off(f"{entry.name}: a symbolic batch failed to compile ({why})", logging.WARNING)
-                else:  # the whole forward, blocks traced inline
-                    entry.regional_failed = why
-                    self._regional_off(f"{entry.name}: nested regions failed to compile ({why})", logging.WARNING)
+            if blocks:  # nested regions failed to compile: the whole forward, traced inline, once more
+                entry.regional_failed = cops.compile_error_summary(e)
+                self._regional_off(f"{entry.name}: nested regions failed to compile ({entry.regional_failed})",
+                                   logging.WARNING)
                 if first:  # the failed attempt is part of this call's compile time
                     spent = time.perf_counter() - t0
                     self.stats.warmup_seconds += spent
@@ -405,22 +398,6 @@ class CompiledPath:
         if blocks is None:  # once per run: the module's structure does not change while sampling
             blocks = self._blocks[id(module)] = [m for m in module.modules() if isinstance(m, REGION_BLOCK)]
         return blocks
-
-    def _batch_values(self, entry: cops.CompiledEntry, args: tuple, kwargs: dict, topts: dict | None) -> list:
-        """The inputs whose batch dimension this call traces as a symbol ([] for a graph per batch size)."""
-        if not self.config.symbolic_batch or entry.batch_failed:
-            return []
-        if not cops.batch_symbolic_supported():
-            self._batch_off(f"torch {torch.__version__} has no size-oblivious option for backed sizes")
-            return []
-        return [v for v in (*args[1:], *kwargs.values()) if v is not topts]
-
-    def _batch_off(self, why: str, level: int = logging.INFO) -> None:
-        if why not in self.stats.warned:
-            self.stats.warned.add(why)
-            self.stats.batch_off.append(why)
-            _log_once(f"batch:{why}", level, "SDXLOpt Compile: one graph per batch size (a CFG cutoff's cond-only "
-                      "batch compiles its own): %s.", why)
 
     def _regional_off(self, why: str, level: int = logging.INFO) -> None:
         if why not in self.stats.warned:
@@ -606,11 +583,6 @@ class Compile(io.ComfyNode):
                                          "79 vs 108 s), still one CUDA graph per call, same speed. Models whose "
                                          "attention patches see the block's position compile whole forwards (the "
                                          "log says why), and so does dynamic_shapes. Off: every block traced on its own."),
-                io.Boolean.Input("symbolic_batch", default=True, optional=True, **ADVANCED,
-                                 tooltip="On: one graph serves every batch size (the batch dimension is traced "
-                                         "as a symbol), so the cond-only batch a CFG cutoff switches to needs no "
-                                         "compile of its own: about half the first compile of a cutoff stack. "
-                                         "Off: one graph per batch size."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="A clone of the MODEL on the compiled path.")],
         )
@@ -618,10 +590,9 @@ class Compile(io.ComfyNode):
     @classmethod
     def execute(cls, model: io.Model.Type, mode: str = "reduce-overhead", dynamic_shapes: bool = False,
                 backend: str = "inductor", cache_size: int = cops.DEFAULT_CACHE_SIZE, warmup: bool = True,
-                fullgraph: bool = False, regional: bool = True, symbolic_batch: bool = True) -> io.NodeOutput:
+                fullgraph: bool = False, regional: bool = True) -> io.NodeOutput:
         config = CompileConfig(backend=backend, mode=mode, dynamic=bool(dynamic_shapes), fullgraph=bool(fullgraph),
-                               cache_size=int(cache_size), warmup=bool(warmup), regional=bool(regional),
-                               symbolic_batch=bool(symbolic_batch))
+                               cache_size=int(cache_size), warmup=bool(warmup), regional=bool(regional))
         return io.NodeOutput(apply_compile(model, config))
 
 

@@ -66,9 +66,6 @@ class CompileConfig:
     regional: mark the repeated blocks as nested compile regions (nested_regions; the caller says which
         blocks) so that one block's graph serves its shape: a shorter first compile, still one graph per
         call. Static shapes only (ignored with dynamic).
-    symbolic_batch: one graph for every batch size (the batch dimension symbolic, `batch_symbolic`), so the
-        cond-only batch a CFG cutoff switches to reuses the cond + uncond graph instead of compiling its own.
-        Other dimensions stay static; a torch without the size-oblivious option compiles one graph per batch.
     """
 
     backend: str = "inductor"
@@ -78,7 +75,6 @@ class CompileConfig:
     cache_size: int = DEFAULT_CACHE_SIZE
     warmup: bool = True
     regional: bool = True
-    symbolic_batch: bool = True
 
     def validate(self) -> None:
         """Raise ValueError saying what was expected, what arrived and the fix."""
@@ -112,8 +108,7 @@ class CompileConfig:
         mode = self.effective_mode(device_type)
         shapes = "dynamic shapes" if self.dynamic else "static shapes"
         regional = ", repeated blocks as regions" if self.regional and not self.dynamic and regional_supported() else ""
-        batch = ", one graph for every batch" if self.symbolic_batch and batch_symbolic_supported() else ""
-        return f"{self.backend}{' ' + mode if mode else ''}, {shapes}{batch}{regional}"
+        return f"{self.backend}{' ' + mode if mode else ''}, {shapes}{regional}"
 
 
 def _registered_backends() -> list[str]:
@@ -264,7 +259,6 @@ class CompiledEntry:
     fn: Callable
     failed: str | None = None  # why this entry runs eager from now on
     regional_failed: str | None = None  # why this entry compiles whole forwards (no nested regions) from now on
-    batch_failed: str | None = None  # why this entry compiles one graph per batch size from now on
     compile_seconds: float = 0.0
     graphs: int = 0
     calls: int = 0
@@ -359,48 +353,6 @@ def nested_regions(blocks: Sequence[torch.nn.Module], options_kwarg: str, keep: 
 
 
 # --------------------------------------------------------------------------------------------------------
-# one graph for every batch size: the batch dimension as a symbol that 1 does not specialize
-
-def batch_symbolic_supported() -> bool:
-    """torch has the size-oblivious option for backed sizes and soft dynamic marks (torch >= 2.7)."""
-    from torch.fx.experimental import _config as fx_config
-
-    return hasattr(fx_config, "backed_size_oblivious") and hasattr(torch._dynamo, "maybe_mark_dynamic")
-
-
-def _batch_tensors(value: Any, batch: int, depth: int = 0) -> Iterable[torch.Tensor]:
-    if torch.is_tensor(value):
-        if value.ndim > 0 and value.shape[0] == batch:
-            yield value
-    elif depth < 2 and isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _batch_tensors(v, batch, depth + 1)
-    elif depth < 1 and isinstance(value, dict):  # a ControlNet's residuals: {"input": [...], "output": [...]}
-        for v in value.values():
-            yield from _batch_tensors(v, batch, depth + 1)
-
-
-@contextlib.contextmanager
-def batch_symbolic(values: Sequence[Any]):
-    """Around a compiled call: dim 0 of every tensor in `values` (and one level of lists / dicts) whose
-    leading size is the first tensor's is marked dynamic, and tracing uses size-oblivious reasoning, so the
-    graph takes any batch, 1 included (dynamo otherwise specializes a size of 1 and compiles it apart).
-    The marks are soft: a patch that needs a fixed batch specializes it and the batch compiles its own graph,
-    as without this. Leave options dicts (transformer_options) out of `values`. Yields how many were marked."""
-    from torch.fx.experimental import _config as fx_config
-
-    first = next((v for v in values if torch.is_tensor(v) and v.ndim > 0), None)
-    if first is None:
-        yield 0
-        return
-    tensors = [t for v in values for t in _batch_tensors(v, first.shape[0])]
-    for t in tensors:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-    with fx_config.patch(backed_size_oblivious=True):
-        yield len(tensors)
-
-
-# --------------------------------------------------------------------------------------------------------
 # dynamo's counters: compiled graphs and graph breaks (process-wide, monotonic)
 
 def graphs_compiled() -> int:
@@ -448,7 +400,6 @@ class CompileRunStats:
     fallbacks: list[str] = field(default_factory=list)
     regional_blocks: int = 0  # blocks that ran as nested compile regions in a compiled call (most in one call)
     regional_off: list[str] = field(default_factory=list)  # why calls compiled without nested regions
-    batch_off: list[str] = field(default_factory=list)  # why calls compiled one graph per batch size
     warned: set[str] = field(default_factory=set)
 
     def clone(self) -> CompileRunStats:
@@ -476,8 +427,6 @@ class CompileRunStats:
             line += f", {self.regional_blocks} blocks as reused regions"
         if self.regional_off:
             line += f"; whole forwards traced because: {'; '.join(self.regional_off)}"
-        if self.batch_off:
-            line += f"; one graph per batch because: {'; '.join(self.batch_off)}"
         if self.fallbacks:
             line += f"; eager because: {'; '.join(self.fallbacks)}"
         return line

@@ -265,30 +265,17 @@ def test_lora_strength_and_weight_patches_do_not_recompile(plain_run, small):
     assert not torch.equal(out, plain_run[0])
 
 
-def test_cfg_cutoff_reuses_the_cond_uncond_graph_for_the_cond_only_batch(plain_run, small):
-    """The batch is a symbol (symbolic_batch, on by default): the plain run's graph, traced at batch 2, also
-    serves the cutoff's batch 1, so a CFG cutoff compiles nothing more."""
+def test_cfg_cutoff_compiles_both_batches_first_and_never_mid_run(plain_run, small):
     m = compiled(cfg_cutoff(small, 0.5))
     out, graphs, stats = run_counted(m)
     close(out, sample(eager(cfg_cutoff(small, 0.5))))
     assert_all_compiled(stats)
-    assert graphs == 0 and stats.batch_off == [], \
-        f"expected the cond-only batch to reuse the plain run's graph, got {graphs} new graphs ({stats})"
+    assert graphs == 1 and stats.warmup_graphs == 1, \
+        f"expected exactly the cond-only batch compiled, in the first call, got {graphs} ({stats})"
     out2, graphs2, stats2 = run_counted(compiled(cfg_cutoff(small, 0.5)))  # cutoff node before or after
     assert graphs2 == 0 and torch.equal(out2, out)
     out3, graphs3, _ = run_counted(cfg_cutoff(compiled(small), 0.5))
     assert graphs3 == 0 and torch.equal(out3, out)
-
-
-def test_cfg_cutoff_with_one_graph_per_batch_compiles_both_batches_first_and_never_mid_run(small):
-    m = compiled(cfg_cutoff(small, 0.5), symbolic_batch=False)
-    out, graphs, stats = run_counted(m)
-    close(out, sample(eager(cfg_cutoff(small, 0.5))))
-    assert_all_compiled(stats)
-    assert graphs == 2 and stats.warmup_graphs == 2, \
-        f"expected both batches compiled, in the first call, got {graphs} ({stats})"
-    out2, graphs2, _ = run_counted(cfg_cutoff(compiled(small, symbolic_batch=False), 0.5))
-    assert graphs2 == 0 and torch.equal(out2, out)
 
 
 def test_deepcache_runs_full_steps_compiled_and_never_recompiles(plain_run, small, caplog):
@@ -351,7 +338,7 @@ def test_fp8_compute_compiled_equals_eager_with_scaled_mm_in_the_graph():
     assert any("_scaled_mm" in t for t in ops_seen), "expected torch._scaled_mm in the traced UNet forward"
 
 
-def test_full_stack_in_any_order_equals_eager_with_one_compile_per_forward():
+def test_full_stack_in_any_order_equals_eager_with_one_compile_per_batch():
     base = fp8_model(0)
     lora = tiny_lora(base, seed=7)
     stacks = {
@@ -370,8 +357,8 @@ def test_full_stack_in_any_order_equals_eager_with_one_compile_per_forward():
             raise AssertionError(f"{name}: {e}") from None
         outs.append(out)
         total += graphs
-    # full and shallow DeepCache paths, one graph each for batch 2 and the cond-only batch, in the first order's run
-    assert total == 2, f"expected 2 compiles in all (full and shallow forward, first order), got {total}"
+    # full and shallow DeepCache paths, each at batch 2 and the cond-only batch, all in the first order's run
+    assert total == 4, f"expected 4 compiles in all (full/shallow x batch 2/cond-only, first order), got {total}"
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 
@@ -541,64 +528,12 @@ def test_a_region_that_fails_to_compile_compiles_the_whole_forward_instead(deep,
     caplog.set_level(logging.WARNING)
     m = eager(deep)
     m.set_model_input_block_patch(lambda h, transformer_options: h * 1.0)  # a stack of its own
-    out, _, stats = run_counted(compiled(m, symbolic_batch=False))  # a symbolic batch would be dropped first
+    out, _, stats = run_counted(compiled(m))
     close(out, sample(m))
     assert_all_compiled(stats)
     assert len(stats.regional_off) == 1 and "nested regions failed" in stats.regional_off[0], stats.regional_off
     assert any("nested regions failed" in r.getMessage() for r in caplog.records)
     assert all("forward" not in b.__dict__ for b in blocks_of(deep))
-
-
-def test_a_patch_that_needs_a_fixed_batch_compiles_one_graph_per_batch_before_the_first_step(deep):
-    """The batch marks are soft: a patch whose forward branches on the batch size specializes it, and the
-    cutoff's cond-only batch gets its own graph, compiled in the warm-up (never mid-run), output the eager one."""
-    m = cfg_cutoff(eager(deep), 0.5)
-    m.set_model_input_block_patch(lambda h, transformer_options: h * (1.5 if h.shape[0] == 2 else 1.0))
-    ref = sample(m)
-    out, graphs, stats = run_counted(compiled(m))
-    close(out, ref)
-    assert_all_compiled(stats)
-    assert graphs == 2 and stats.warmup_graphs == 2 and stats.batch_off == [], \
-        f"expected one graph per batch, both in the first call, got {graphs} ({stats})"
-    assert bridge.rel_err(ref, sample(cfg_cutoff(eager(deep), 0.5))) > 1e-3, "expected the patch to change the output"
-
-
-def test_a_symbolic_batch_that_fails_to_compile_compiles_one_graph_per_batch_instead(deep, monkeypatch, caplog):
-    """A symbolic batch whose trace fails: the same call retries with a static batch (regions kept), the image
-    is the eager one, every call compiled, and the log says why."""
-    import contextlib
-
-    real = ocomp.batch_symbolic
-
-    @contextlib.contextmanager
-    def failing(values):
-        with real(values) as n:
-            if n:
-                raise RuntimeError("simulated: a data-dependent guard on the batch size")
-            yield n
-
-    monkeypatch.setattr(ocomp, "batch_symbolic", failing)
-    caplog.set_level(logging.WARNING)
-    m = cfg_cutoff(eager(deep), 0.5)
-    m.set_model_input_block_patch(lambda h, transformer_options: h * 1.0)  # a stack of its own
-    out, graphs, stats = run_counted(compiled(m))
-    close(out, sample(m))
-    assert_all_compiled(stats)
-    assert len(stats.batch_off) == 1 and "symbolic batch failed" in stats.batch_off[0], stats.batch_off
-    assert stats.regional_off == [] and stats.regional_blocks == 12, (stats.regional_off, stats.regional_blocks)
-    assert graphs == 2 and stats.warmup_graphs == 2, f"expected one graph per batch, got {graphs} ({stats})"
-    assert any("symbolic batch failed" in r.getMessage() for r in caplog.records)
-
-
-def test_batch_symbolic_marks_the_batch_of_every_input_and_control_residual():
-    x, t, ctx = torch.zeros(2, 4, 8, 8), torch.zeros(2), torch.zeros(2, 77, 8)
-    control = {"input": [torch.zeros(2, 8, 8, 8), None], "output": [torch.zeros(2, 8, 4, 4)]}
-    other = torch.zeros(3, 5)  # another leading size: not a batch
-    with ocomp.batch_symbolic([x, t, ctx, None, control, other]) as n:
-        assert n == 5
-    assert ocomp.batch_symbolic_supported()
-    with ocomp.batch_symbolic([None, {"a": 1}]) as n:
-        assert n == 0
 
 
 def _cpu_tensors_in_graph(model, transformer_options: dict) -> list[str]:

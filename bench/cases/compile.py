@@ -1,18 +1,17 @@
 """Compiled path (SDXLOpt Compile): 50 steps, cfg 5, compiled (inductor + CUDA graphs), alone, with a CFG cutoff
 at 50%, with DeepCache (interval 3) + the cutoff, and with fp8 weights; plus the first-call compile time.
 
-Rows use the node's defaults (regional compilation: repeated transformer blocks as nested compile regions;
-a symbolic batch: one graph for cond + uncond and the cutoff's cond-only batch) unless they say otherwise;
-`plain_whole` is row 1 with regional compilation off, `cutoff_per_batch` the cutoff row with one graph per
-batch. SDXLOPT_BENCH_COMPILE_ROWS picks rows and their order.
+Rows use the node's defaults (regional compilation: repeated transformer blocks as nested compile regions)
+unless they say otherwise; `plain_whole` is row 1 with regional compilation off. SDXLOPT_BENCH_COMPILE_ROWS picks
+rows and their order.
 
 Issue 8 targets on an H100/H200 (same run): compiled <= 1.2 s/image; + cutoff 50% <= 0.9 s; + DeepCache 3 +
 cutoff <= 0.5 s; fp8 + compile no slower than fp16 + compile; first-call compile <= 90 s.
 
 Each configuration is sampled once untimed (that run compiles: its wall time and compile seconds are the
 `first_run_s` / `compile_s` columns), then measured as usual. Compiled graphs are shared process-wide, so a
-configuration only compiles what differs from the ones before it (the cutoff row reuses the graph of the first
-row for both batches; DeepCache's full steps carry its capture patch, a new graph).
+configuration only compiles what differs from the ones before it (the cutoff row reuses the batch-2 graph of
+the first row and adds the cond-only batch; DeepCache's full steps carry its capture patch, a new graph).
 Columns `compiled_calls` / `eager_calls` / `recompiles_mid_run` show that every UNet call that reached the
 compiled path ran compiled and none compiled mid-sampling. DeepCache's shallow steps do not reach it (they run
 eager and are not counted) unless DeepCache puts them on the compiled path (docs/nodes/compile.md).
@@ -63,12 +62,11 @@ class Variant:
     eager: Callable[[], object] | None = None  # () -> the same stack without Compile (rel_err_vs_eager column)
 
 
-def _compile(model, backend: str, mode: str, regional: bool = True, symbolic_batch: bool = True):
+def _compile(model, backend: str, mode: str, regional: bool = True):
     from sdxl_optimizer.nodes.compile import apply_compile
     from sdxl_optimizer.ops.compile import CompileConfig
 
-    return apply_compile(model, CompileConfig(backend=backend, mode=mode, regional=regional,
-                                              symbolic_batch=symbolic_batch))
+    return apply_compile(model, CompileConfig(backend=backend, mode=mode, regional=regional))
 
 
 def _cutoff(model, fraction: float):
@@ -172,11 +170,6 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
                 lambda: _compile(base, backend, mode, regional=False), 1, f"{cfg}, regional off", eager=lambda: base),
         Variant("cutoff", f"compiled + CFG cutoff 50%, cfg {ctx.cfg}", lambda: _compile(_cutoff(base, 0.5), *later), 1,
                 fallback, eager=lambda: _cutoff(base, 0.5)),
-        # the node's symbolic batch off: the cutoff's cond-only batch compiled as a graph of its own (files
-        # before session 10)
-        Variant("cutoff_per_batch", f"compiled + CFG cutoff 50%, one graph per batch (symbolic_batch off), cfg {ctx.cfg}",
-                lambda: _compile(_cutoff(base, 0.5), *later, symbolic_batch=False), 2,
-                f"{fallback}, symbolic_batch off", eager=lambda: _cutoff(base, 0.5)),
         Variant("deepcache_cutoff", f"compiled + DeepCache 3 + CFG cutoff 50%, cfg {ctx.cfg}",
                 lambda: _compile(_cutoff(_deepcache(base, 3), 0.5), *later), 2, fallback,
                 eager=lambda: _cutoff(_deepcache(base, 3), 0.5)),

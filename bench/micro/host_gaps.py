@@ -108,6 +108,28 @@ def main() -> None:
     for k in keys:
         vals = [r[k] for r in results]
         print(f"  {k:18s} {statistics.median(vals):9.4f}   ({', '.join(f'{v:.4f}' for v in vals)})")
+    if os.environ.get("SDXLOPT_MICRO_PROFILE") == "1":  # the CUDA runtime calls the host spends its time in
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            run()
+        rt = [e for e in prof.key_averages() if e.key.startswith("cuda")]
+        print("CUDA runtime calls during one run (host time):")
+        for e in sorted(rt, key=lambda e: -e.cpu_time_total)[:8]:
+            print(f"  {e.cpu_time_total / 1e3:9.1f} ms  x{e.count:<5d} {e.key}")
+        top = max(rt, key=lambda e: e.cpu_time_total).key if rt else None
+        for e in sorted(prof.key_averages(group_by_stack_n=8), key=lambda e: -e.cpu_time_total):
+            if e.key == top:
+                print(f"  {top}: {e.cpu_time_total / 1e3:.1f} ms x{e.count} from:")
+                for fr in e.stack[:8]:
+                    print(f"      {fr}")
+                break
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels)
+        print(f"GPU time in the {len(kernels)} device events the profiler saw (CUDA-graph kernels included where "
+              f"CUPTI reports them): {busy / 1e3:.1f} ms")
     dbg = run(sync_debug=True)
     print(f"sync debug run: wall {dbg['wall_s']:.3f} s; synchronizing calls by site ({sum(dbg['sites'].values())}):")
     for site, n in dbg["sites"].most_common(15):

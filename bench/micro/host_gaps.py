@@ -102,7 +102,8 @@ def main() -> None:
     run()
     print(f"first run (compiles): {time.perf_counter() - t:.1f} s", flush=True)
     run()
-    results = [run() for _ in range(3)]
+    quick = os.environ.get("SDXLOPT_MICRO_QUICK") == "1"  # profile only
+    results = [run() for _ in range(1 if quick else 3)]
     keys = [k for k in results[0] if k != "sites"]
     print("three runs (median):")
     for k in keys:
@@ -117,19 +118,29 @@ def main() -> None:
         print("CUDA runtime calls during one run (host time):")
         for e in sorted(rt, key=lambda e: -e.cpu_time_total)[:8]:
             print(f"  {e.cpu_time_total / 1e3:9.1f} ms  x{e.count:<5d} {e.key}")
-        top = max(rt, key=lambda e: e.cpu_time_total).key if rt else None
-        for e in sorted(prof.key_averages(group_by_stack_n=8), key=lambda e: -e.cpu_time_total):
-            if e.key == top:
-                print(f"  {top}: {e.cpu_time_total / 1e3:.1f} ms x{e.count} from:")
-                for fr in e.stack[:8]:
-                    print(f"      {fr}")
-                break
+        by_site: dict = collections.defaultdict(lambda: [0, 0.0])
+        for e in prof.events():  # each blocking copy: the ops it ran under and the nearest Python frames
+            if e.name != "cudaMemcpyAsync":
+                continue
+            chain, p, stack = [], e.cpu_parent, []
+            while p is not None and len(chain) < 3:
+                chain.append(p.name)
+                stack = stack or [f for f in (p.stack or []) if "torch/" not in f][:4]
+                p = p.cpu_parent
+            key = " < ".join(chain) + " @ " + " <- ".join(stack)
+            by_site[key][0] += 1
+            by_site[key][1] += e.cpu_time_total
+        print("cudaMemcpyAsync by site (count, host ms):")
+        for key, (n, us) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:10]:
+            print(f"  {n:5d} {us / 1e3:8.1f} ms  {key}")
         from torch.autograd import DeviceType
 
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         busy = sum(e.time_range.elapsed_us() for e in kernels)
         print(f"GPU time in the {len(kernels)} device events the profiler saw (CUDA-graph kernels included where "
               f"CUPTI reports them): {busy / 1e3:.1f} ms")
+    if quick:
+        return
     dbg = run(sync_debug=True)
     print(f"sync debug run: wall {dbg['wall_s']:.3f} s; synchronizing calls by site ({sum(dbg['sites'].values())}):")
     for site, n in dbg["sites"].most_common(15):

@@ -139,6 +139,32 @@ def main() -> None:
         busy = sum(e.time_range.elapsed_us() for e in kernels)
         print(f"GPU time in the {len(kernels)} device events the profiler saw (CUDA-graph kernels included where "
               f"CUPTI reports them): {busy / 1e3:.1f} ms")
+    if os.environ.get("SDXLOPT_MICRO_COPIES") == "1":  # Python call sites of the copies / moves, host time
+        spent: dict = collections.defaultdict(lambda: [0, 0.0])
+        originals = {n: getattr(torch.Tensor, n) for n in ("copy_", "to", "item", "cpu", "tolist", "__bool__")}
+
+        def spy(name, fn):
+            def wrapped(*a, **k):
+                t = time.perf_counter()
+                out = fn(*a, **k)
+                dt = time.perf_counter() - t
+                if dt > 5e-5:  # ignore calls that did not wait
+                    site = _site(traceback.extract_stack()[:-1])
+                    spent[(name, site)][0] += 1
+                    spent[(name, site)][1] += dt
+                return out
+            return wrapped
+
+        for n, fn in originals.items():
+            setattr(torch.Tensor, n, spy(n, fn))
+        try:
+            r = run()
+        finally:
+            for n, fn in originals.items():
+                setattr(torch.Tensor, n, fn)
+        print(f"run with spies: wall {r['wall_s']:.3f} s; calls that took > 50 us, by site (count, host ms):")
+        for (n, site), (c, dt) in sorted(spent.items(), key=lambda kv: -kv[1][1])[:12]:
+            print(f"  {c:5d} {dt * 1e3:8.1f} ms  {n:8s} {site}")
     if quick:
         return
     dbg = run(sync_debug=True)

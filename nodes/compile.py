@@ -23,7 +23,10 @@ read per step become guards that fail, and dynamo recompiles mid-run. This node 
 - Fallback: a device or torch that cannot compile (CPU, MPS, no Triton, no working compiler), or a
   compile that fails, runs the eager forward instead with one logged line; never an error mid-sampling.
 
-Wrapper points used (OUTER_SAMPLE, DIFFUSION_MODEL) and transformer_options["optimized_attention_override"]
+- Conditioning on the GPU: a SAMPLER_SAMPLE wrapper moves the run's encoded conds to the UNet's device once
+  (sampler_sample_wrapper), so no UNet call waits on a host-to-device copy.
+
+Wrapper points used (OUTER_SAMPLE, SAMPLER_SAMPLE, DIFFUSION_MODEL) and transformer_options["optimized_attention_override"]
 exist in ComfyUI 0.3.75 and in upstream master.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import comfy.conds
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 import comfy.model_patcher
@@ -519,16 +523,60 @@ outer_sample_wrapper = per_run_wrapper(KEY, CompiledPath, _begin_run, log, end=l
                                        clock=False)
 
 
+MOVE_CONDS = True  # sampler_sample_wrapper's move (the bench switches it off to measure what it saves)
+
+
+def conds_to_device(conds: Any, device: torch.device) -> int:
+    """Put the tensors of each cond's model inputs (`model_conds`: the cross-attention context, SDXL's `y`, ...)
+    on `device`, in the run's own cond dicts (new CONDRegular objects, values unchanged; the user's
+    conditioning is not touched). Returns how many tensors moved."""
+    moved = 0
+    for entries in (conds.values() if isinstance(conds, dict) else ()):
+        for c in (entries if isinstance(entries, list) else ()):
+            mc = c.get("model_conds") if isinstance(c, dict) else None
+            if not isinstance(mc, dict):
+                continue
+            new = dict(mc)
+            for name, v in mc.items():
+                t = getattr(v, "cond", None)
+                if isinstance(v, comfy.conds.CONDRegular) and torch.is_tensor(t) and t.device != device:
+                    new[name] = v._copy_with(t.to(device))
+                    moved += 1
+            c["model_conds"] = new
+    return moved
+
+
+def sampler_sample_wrapper(executor, guider, *args, **kwargs):
+    """SAMPLER_SAMPLE (after the run's conds are encoded, before the first step): the conds' model inputs on the
+    UNet's device, once per run. ComfyUI keeps them where the text encoder left them (CPU) and copies them in
+    every UNet call (model_base._apply_model's cast_to_device); a copy from pageable host memory first waits for
+    the GPU to finish its queue, so every step the GPU idles while the host prepares the next call. Compiled
+    calls are short enough for that to matter (measured: bench/micro/host_gaps.py)."""
+    device = getattr(getattr(guider, "model_patcher", None), "load_device", None)
+    if device is not None and MOVE_CONDS:
+        try:
+            moved = conds_to_device(getattr(guider, "conds", None), torch.device(device))
+        except Exception as e:  # an optimization: never fail the image over it
+            moved = 0
+            _log_once("conds", logging.WARNING, "SDXLOpt Compile: could not move the conditioning to the GPU "
+                      "(%s); each step copies it, as without this node.", cops.root_cause(e))
+        path = (guider.model_options.get("transformer_options") or {}).get(KEY)
+        if isinstance(path, CompiledPath):
+            path.stats.conds_moved += moved
+    return executor(guider, *args, **kwargs)
+
+
 def apply_compile(model, config: CompileConfig):
     """A clone of `model` on the compiled path; raises ValueError (model unchanged) on bad settings.
 
     Applying it again replaces the earlier settings (never two compiled paths)."""
     config.validate()
     m = model.clone()
-    for wtype in (WrappersMP.OUTER_SAMPLE, WrappersMP.DIFFUSION_MODEL):
+    for wtype in (WrappersMP.OUTER_SAMPLE, WrappersMP.SAMPLER_SAMPLE, WrappersMP.DIFFUSION_MODEL):
         m.remove_wrappers_with_key(wtype, KEY)
     m.model_options.setdefault("transformer_options", {})[KEY] = CompiledPath(config)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
+    m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, KEY, sampler_sample_wrapper)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
     return m
 

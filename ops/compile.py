@@ -400,6 +400,7 @@ class CompileRunStats:
     fallbacks: list[str] = field(default_factory=list)
     regional_blocks: int = 0  # blocks that ran as nested compile regions in a compiled call (most in one call)
     regional_off: list[str] = field(default_factory=list)  # why calls compiled without nested regions
+    conds_moved: int = 0  # conditioning tensors put on the GPU before the first step (see nodes/compile.py)
     warned: set[str] = field(default_factory=set)
 
     def clone(self) -> CompileRunStats:
@@ -425,6 +426,8 @@ class CompileRunStats:
             line += f", {self.sampling_graphs} recompiled during sampling ({self.sampling_seconds:.1f} s)"
         if self.regional_blocks:
             line += f", {self.regional_blocks} blocks as reused regions"
+        if self.conds_moved:
+            line += f", {self.conds_moved} conditioning tensors moved to the GPU once (not copied each step)"
         if self.regional_off:
             line += f"; whole forwards traced because: {'; '.join(self.regional_off)}"
         if self.fallbacks:

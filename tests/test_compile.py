@@ -536,6 +536,37 @@ def test_a_region_that_fails_to_compile_compiles_the_whole_forward_instead(deep,
     assert all("forward" not in b.__dict__ for b in blocks_of(deep))
 
 
+def test_conds_move_to_the_unet_device_once_per_run_in_new_cond_objects():
+    import comfy.conds
+
+    ctx, y = torch.randn(1, 77, 8), torch.randn(1, 16)
+    const = comfy.conds.CONDConstant(3)
+    original = {"c_crossattn": comfy.conds.CONDCrossAttn(ctx), "y": comfy.conds.CONDRegular(y), "n": const}
+    cond = {"model_conds": original, "cross_attn": ctx}
+    conds = {"positive": [cond], "negative": [{"model_conds": {}}]}
+    assert ncomp.conds_to_device(conds, torch.device("meta")) == 2
+    moved = cond["model_conds"]
+    assert moved is not original and original["c_crossattn"].cond is ctx and original["y"].cond is y
+    assert isinstance(moved["c_crossattn"], comfy.conds.CONDCrossAttn) and moved["c_crossattn"].cond.is_meta
+    assert moved["y"].cond.is_meta and moved["n"] is const and cond["cross_attn"] is ctx
+    assert ncomp.conds_to_device(conds, torch.device("meta")) == 0  # already there
+
+
+def test_the_run_hands_its_encoded_conds_to_the_device_move_before_the_first_step(small, monkeypatch):
+    seen = []
+    real = ncomp.conds_to_device
+
+    def spy(conds, device):
+        seen.append({k: [sorted(c["model_conds"]) for c in v] for k, v in conds.items()})
+        return real(conds, device)
+
+    monkeypatch.setattr(ncomp, "conds_to_device", spy)
+    out, _, stats = run_counted(compiled(small))
+    assert len(seen) == 1, f"expected one move per run, got {len(seen)}"
+    assert all("c_crossattn" in names and "y" in names for v in seen[0].values() for names in v), seen
+    assert stats.conds_moved == 0  # CPU: already on the UNet's device
+
+
 def _cpu_tensors_in_graph(model, transformer_options: dict) -> list[str]:
     """Trace the model's forward on the meta device (a stand-in for a GPU) with a capturing backend and list
     the graph nodes that make CPU tensors: inductor skips CUDA graphs for a graph with any."""

@@ -2,8 +2,9 @@
 at 50%, with DeepCache (interval 3) + the cutoff, and with fp8 weights; plus the first-call compile time.
 
 Rows use the node's defaults (regional compilation: repeated transformer blocks as nested compile regions)
-unless they say otherwise; `plain_whole` is row 1 with regional compilation off. SDXLOPT_BENCH_COMPILE_ROWS picks
-rows and their order.
+unless they say otherwise; `plain_whole` is row 1 with regional compilation off; `*_conds_cpu` rows leave the conditioning on the CPU,
+copied at every UNet call (the node moves it to the GPU once per run since session 10).
+SDXLOPT_BENCH_COMPILE_ROWS picks rows and their order.
 
 Issue 8 targets on an H100/H200 (same run): compiled <= 1.2 s/image; + cutoff 50% <= 0.9 s; + DeepCache 3 +
 cutoff <= 0.5 s; fp8 + compile no slower than fp16 + compile; first-call compile <= 90 s.
@@ -62,11 +63,12 @@ class Variant:
     eager: Callable[[], object] | None = None  # () -> the same stack without Compile (rel_err_vs_eager column)
 
 
-def _compile(model, backend: str, mode: str, regional: bool = True):
-    from sdxl_optimizer.nodes.compile import apply_compile
+def _compile(model, backend: str, mode: str, regional: bool = True, move_conds: bool = True):
+    from sdxl_optimizer.nodes import compile as node
     from sdxl_optimizer.ops.compile import CompileConfig
 
-    return apply_compile(model, CompileConfig(backend=backend, mode=mode, regional=regional))
+    node.MOVE_CONDS = move_conds  # every row sets it: rows run one after the other
+    return node.apply_compile(model, CompileConfig(backend=backend, mode=mode, regional=regional))
 
 
 def _cutoff(model, fraction: float):
@@ -173,6 +175,17 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
         Variant("deepcache_cutoff", f"compiled + DeepCache 3 + CFG cutoff 50%, cfg {ctx.cfg}",
                 lambda: _compile(_cutoff(_deepcache(base, 3), 0.5), *later), 2, fallback,
                 eager=lambda: _cutoff(_deepcache(base, 3), 0.5)),
+        # the conditioning left on the CPU and copied at every call, as before session 10 (same graphs as the
+        # row without _conds_cpu: run it right after that one)
+        Variant("plain_conds_cpu", f"compiled, conds copied each call (before session 10), cfg {ctx.cfg}",
+                lambda: _compile(base, backend, mode, move_conds=False), 0, f"{cfg}, conds copied per call",
+                eager=lambda: base),
+        Variant("cutoff_conds_cpu", f"compiled + CFG cutoff 50%, conds copied each call, cfg {ctx.cfg}",
+                lambda: _compile(_cutoff(base, 0.5), *later, move_conds=False), 0,
+                f"{fallback}, conds copied per call", eager=lambda: _cutoff(base, 0.5)),
+        Variant("deepcache_cutoff_conds_cpu", f"compiled + DeepCache 3 + CFG cutoff 50%, conds copied each call, "
+                f"cfg {ctx.cfg}", lambda: _compile(_cutoff(_deepcache(base, 3), 0.5), *later, move_conds=False), 0,
+                f"{fallback}, conds copied per call", eager=lambda: _cutoff(_deepcache(base, 3), 0.5)),
         # FreeU's overhead where timings are stable (eager drifts by more than the 3% target)
         Variant("freeu", f"compiled + FreeU SDXL v1 (matmul filter), cfg {ctx.cfg} (vs row 1)",
                 lambda: _compile(_freeu(base), *later), 1, fallback),

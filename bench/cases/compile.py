@@ -63,12 +63,26 @@ class Variant:
     eager: Callable[[], object] | None = None  # () -> the same stack without Compile (rel_err_vs_eager column)
 
 
-def _compile(model, backend: str, mode: str, regional: bool = True, move_conds: bool = True):
+def _compile(model, backend: str, mode: str, regional: bool = True):
     from sdxl_optimizer.nodes import compile as node
     from sdxl_optimizer.ops.compile import CompileConfig
 
-    node.MOVE_CONDS = move_conds  # every row sets it: rows run one after the other
+    node.MOVE_CONDS = True  # every row builds through here; a _conds_cpu row switches it off after (_conds_cpu)
     return node.apply_compile(model, CompileConfig(backend=backend, mode=mode, regional=regional))
+
+
+def _conds_cpu(v: Variant) -> Variant:
+    """Row `v` with the conditioning left on the CPU, copied at every UNet call as before session 10: the same
+    graphs as `v` (run it right after `v`), so the pair measures what moving the conds saves."""
+    def build():
+        from sdxl_optimizer.nodes import compile as node
+
+        model = v.build()
+        node.MOVE_CONDS = False
+        return model
+
+    return Variant(f"{v.key}_conds_cpu", f"{v.name}, conds copied each call", build, 0,
+                   f"{v.config}, conds copied per call", eager=v.eager)
 
 
 def _cutoff(model, fraction: float):
@@ -175,17 +189,6 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
         Variant("deepcache_cutoff", f"compiled + DeepCache 3 + CFG cutoff 50%, cfg {ctx.cfg}",
                 lambda: _compile(_cutoff(_deepcache(base, 3), 0.5), *later), 2, fallback,
                 eager=lambda: _cutoff(_deepcache(base, 3), 0.5)),
-        # the conditioning left on the CPU and copied at every call, as before session 10 (same graphs as the
-        # row without _conds_cpu: run it right after that one)
-        Variant("plain_conds_cpu", f"compiled, conds copied each call (before session 10), cfg {ctx.cfg}",
-                lambda: _compile(base, backend, mode, move_conds=False), 0, f"{cfg}, conds copied per call",
-                eager=lambda: base),
-        Variant("cutoff_conds_cpu", f"compiled + CFG cutoff 50%, conds copied each call, cfg {ctx.cfg}",
-                lambda: _compile(_cutoff(base, 0.5), *later, move_conds=False), 0,
-                f"{fallback}, conds copied per call", eager=lambda: _cutoff(base, 0.5)),
-        Variant("deepcache_cutoff_conds_cpu", f"compiled + DeepCache 3 + CFG cutoff 50%, conds copied each call, "
-                f"cfg {ctx.cfg}", lambda: _compile(_cutoff(_deepcache(base, 3), 0.5), *later, move_conds=False), 0,
-                f"{fallback}, conds copied per call", eager=lambda: _cutoff(_deepcache(base, 3), 0.5)),
         # FreeU's overhead where timings are stable (eager drifts by more than the 3% target)
         Variant("freeu", f"compiled + FreeU SDXL v1 (matmul filter), cfg {ctx.cfg} (vs row 1)",
                 lambda: _compile(_freeu(base), *later), 1, fallback),
@@ -209,6 +212,7 @@ def variants(ctx: BenchContext, base, cuda: bool) -> list[Variant]:
                            lambda: _compile(base, "cudagraphs", "default"), 1, "cudagraphs"))
         out.append(Variant("fp8_fused", f"fp8 (fused Triton matmul) + compiled, cfg {ctx.cfg}", lambda: fp8(True, fp8_notes),
                            1, fallback, fp8_notes))
+    out += [_conds_cpu(v) for v in out if v.key in ("plain", "cutoff", "deepcache_cutoff")]
     if not ROWS:
         return out
     by_key = {v.key: v for v in out}  # in the order given: the first row compiles on empty in-process caches

@@ -13,10 +13,20 @@ This splits one image (the bench's own path, nodes.common_ksampler, under infere
   - every call that synchronizes the host with the GPU during a run (torch.cuda.set_sync_debug_mode), by
     Python call site (frames in comfy / sdxl_optimizer / nodes), with counts.
 Set SDXLOPT_MICRO_STACK=plain for the compiled model alone (same split).
+
+SDXLOPT_MICRO_IDLE=1 (after the conditioning fix, session 11): where the GPU waits for the host. One run traced
+with CUDA activity only (little host overhead): the GPU's busy time (union of kernels), its idle time inside the
+span, the largest gaps and the kernels around them; the host time before the first UNet call (setup) and
+after the last; Python's garbage collector's pauses during a run (gc.callbacks); and, interleaved in the same
+process, the runs' wall time with the two host costs that can be switched off from outside taken away, as
+upper bounds of what removing them saves: dynamo's guard evaluation (torch.compiler.set_stance
+skip_guard_eval_unsafe) and the collector (gc.disable during the run).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import os
 import statistics
 import time
@@ -44,6 +54,17 @@ def main() -> None:
         _compile(_cutoff(_deepcache(base, 3), 0.5), "inductor", "reduce-overhead")
     calls: list = []
     timed = call_timer(model, calls)
+    call_host: list = []  # perf_counter at each UNet call's start and end (host side)
+
+    def stamp_call(executor, *args, **kwargs):
+        call_host.append(time.perf_counter())
+        out = executor(*args, **kwargs)
+        call_host.append(time.perf_counter())
+        return out
+
+    import comfy.patcher_extension
+
+    timed.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "micro_host_stamps", stamp_call)
     steps = ctx.steps
 
     def run(sync_debug: bool = False) -> dict:
@@ -51,6 +72,7 @@ def main() -> None:
         stamps: list[tuple[float, float]] = []
         events: list = []
         calls.clear()
+        call_host.clear()
         sites: collections.Counter = collections.Counter()
 
         def callback(step, x0, x, total):
@@ -95,7 +117,9 @@ def main() -> None:
         return dict(wall_s=t1 - t0, host_return_s=t_end_host - t0, to_first_cb_s=stamps[0][0] - t0,
                     after_last_cb_s=t1 - stamps[-1][0], unet_gpu_s=unet_ms / 1e3, span_gpu_s=span_ms / 1e3,
                     step_wall_ms=1e3 * statistics.median(wall), step_host_ms=1e3 * statistics.median(host),
-                    step_host_sum_s=sum(host), calls=len(calls), sites=sites)
+                    step_host_sum_s=sum(host), calls=len(calls),
+                    to_first_call_s=call_host[0] - t0 if call_host else 0.0,
+                    after_last_call_s=t1 - call_host[-1] if call_host else 0.0, sites=sites)
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, stack {stack}", flush=True)
     t = time.perf_counter()
@@ -165,12 +189,107 @@ def main() -> None:
         print(f"run with spies: wall {r['wall_s']:.3f} s; calls that took > 50 us, by site (count, host ms):")
         for (n, site), (c, dt) in sorted(spent.items(), key=lambda kv: -kv[1][1])[:12]:
             print(f"  {c:5d} {dt * 1e3:8.1f} ms  {n:8s} {site}")
+    if os.environ.get("SDXLOPT_MICRO_IDLE") == "1":
+        idle_report(run)
     if quick:
         return
     dbg = run(sync_debug=True)
     print(f"sync debug run: wall {dbg['wall_s']:.3f} s; synchronizing calls by site ({sum(dbg['sites'].values())}):")
     for site, n in dbg["sites"].most_common(15):
         print(f"  {n:5d}  {site}")
+
+
+def idle_report(run) -> None:
+    """GPU idle gaps of one run (CUDA activity only), the collector's pauses, and the upper-bound A/B."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        r = run()
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    print(f"traced run (CUDA activity only): wall {r['wall_s']:.4f} s, host before the first UNet call "
+          f"{r['to_first_call_s'] * 1e3:.1f} ms, after the last {r['after_last_call_s'] * 1e3:.1f} ms")
+    if kernels:
+        busy, gaps, end = 0.0, [], kernels[0][0]
+        prev = ""
+        for s0, s1, name in kernels:
+            if s0 > end:
+                gaps.append((s0 - end, end - kernels[0][0], prev, name))
+            busy += max(0.0, s1 - max(s0, end))
+            if s1 > end:
+                end, prev = s1, name
+        span = end - kernels[0][0]
+        idle = [g for g in gaps if g[0] >= 20]
+        print(f"  GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {(span - busy) / 1e3:.1f} ms "
+              f"({len(gaps)} gaps; {len(idle)} of >= 20 us hold {sum(g[0] for g in idle) / 1e3:.1f} ms)")
+        print("  largest gaps (us, at ms from the first kernel, kernel before -> after):")
+        for d, at, a, b in sorted(gaps, reverse=True)[:15]:
+            print(f"    {d:8.0f} us at {at / 1e3:7.1f} ms  {a[:60]} -> {b[:60]}")
+        bins: collections.Counter = collections.Counter()
+        spent: dict = collections.defaultdict(float)
+        for d, at, _, _ in idle:
+            bins[int(at / 1e3 // 50)] += 1
+            spent[int(at / 1e3 // 50)] += d
+        print("  idle (>= 20 us gaps) by 50 ms window of the span: " +
+              ", ".join(f"{k * 50}-{k * 50 + 50} ms: {spent[k] / 1e3:.1f} ({bins[k]})" for k in sorted(spent)))
+
+    pauses: list = []
+    started: dict = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            pauses.append((info.get("generation"), time.perf_counter() - started.pop("t")))
+
+    gc.callbacks.append(on_gc)
+    try:
+        r = run()
+    finally:
+        gc.callbacks.remove(on_gc)
+    by_gen = collections.defaultdict(lambda: [0, 0.0])
+    for g, dt in pauses:
+        by_gen[g][0] += 1
+        by_gen[g][1] += dt
+    print(f"garbage collector during one run (wall {r['wall_s']:.4f} s): " + (", ".join(
+        f"gen {g}: {n} x, {dt * 1e3:.1f} ms" for g, (n, dt) in sorted(by_gen.items())) or "no collection"))
+
+    @contextlib.contextmanager
+    def no_gc():
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.enable()
+
+    def skip_guards():
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+    def both():
+        st = contextlib.ExitStack()
+        st.enter_context(skip_guards())
+        st.enter_context(no_gc())
+        return st
+
+    variants = {"as is": contextlib.nullcontext, "guards skipped": skip_guards, "gc off": no_gc, "both": both}
+    walls: dict = collections.defaultdict(list)
+    firsts: dict = collections.defaultdict(list)
+    for _ in range(int(os.environ.get("SDXLOPT_MICRO_ROUNDS", "5"))):
+        for name, cm in variants.items():
+            try:
+                with cm():
+                    r = run()
+            except Exception as e:  # a torch without the stance option: say so, keep the others
+                print(f"  {name}: {type(e).__name__}: {e}"[:200])
+                continue
+            walls[name].append(r["wall_s"])
+            firsts[name].append(r["to_first_call_s"])
+    print("interleaved runs, upper bounds of host savings (median wall s, median host ms before the first call):")
+    for name in variants:
+        if walls[name]:
+            print(f"  {name:16s} {statistics.median(walls[name]):.4f}  ({', '.join(f'{w:.4f}' for w in walls[name])})"
+                  f"  setup {1e3 * statistics.median(firsts[name]):.1f} ms")
 
 
 if __name__ == "__main__":

@@ -170,10 +170,9 @@ class CompiledPath:
         self.problem: str | None = None  # why this run is eager (None: compiled)
         self.device_type = "cpu"
         self.warmed: set = set()
-        self._signatures: dict[int, int] = {}
+        self._layouts: dict[int, tuple[int, list]] = {}  # id(module) -> (signature, region blocks), once per run
         self._first_call_graphs = 0
         self._first_call_seconds = 0.0
-        self._blocks: dict[int, list] = {}
 
     # --- run life cycle
 
@@ -196,13 +195,16 @@ class CompiledPath:
 
     # --- the compiled call
 
+    def _layout(self, module: torch.nn.Module) -> tuple[int, list]:
+        layout = self._layouts.get(id(module))
+        if layout is None:  # once per run: weights are patched before the first call, not between calls
+            layout = self._layouts[id(module)] = cops.module_layout(module, REGION_BLOCK)
+        return layout
+
     def _signature(self, module: Any) -> Any:
         if not isinstance(module, torch.nn.Module):
             return type(module).__qualname__
-        sig = self._signatures.get(id(module))
-        if sig is None:  # once per run: weights are patched before the first call, not between calls
-            sig = self._signatures[id(module)] = cops.parameter_signature(module)
-        return sig
+        return self._layout(module)[0]
 
     def _entry(self, name: str, fn: Callable, args: tuple, kwargs: dict) -> tuple[cops.CompiledEntry, tuple]:
         tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
@@ -398,10 +400,7 @@ class CompiledPath:
         if why:
             self._regional_off(why)
             return []
-        blocks = self._blocks.get(id(module))
-        if blocks is None:  # once per run: the module's structure does not change while sampling
-            blocks = self._blocks[id(module)] = [m for m in module.modules() if isinstance(m, REGION_BLOCK)]
-        return blocks
+        return self._layout(module)[1]
 
     def _regional_off(self, why: str, level: int = logging.INFO) -> None:
         if why not in self.stats.warned:

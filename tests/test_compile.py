@@ -171,6 +171,19 @@ def test_parameter_guards_are_dropped_and_the_layout_signature_replaces_them():
     assert ocomp.parameter_signature(a) != ocomp.parameter_signature(b)
 
 
+def test_module_layout_walks_once_for_the_signature_and_the_region_blocks():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(4, 4)))
+    net.register_buffer("scale", torch.ones(4))
+    sig, blocks = ocomp.module_layout(net, torch.nn.Linear)
+    assert blocks == [net[0], net[1][1]]  # module order
+    assert sig == ocomp.parameter_signature(net) and ocomp.module_layout(net)[1] == []
+    net.scale = torch.ones(4, dtype=torch.float16)  # a buffer's dtype is part of the layout
+    assert ocomp.module_layout(net)[0] != sig
+    net.scale = torch.ones(4)
+    net[1][1].weight = torch.nn.Parameter(torch.zeros(4, 4).t())  # so is a parameter's stride
+    assert ocomp.module_layout(net)[0] != sig
+
+
 def test_cache_is_bounded_per_family_and_each_entry_has_its_own_code_object():
     cache = ocomp.CompileCache(max_families=2)
     made = []

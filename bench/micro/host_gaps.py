@@ -56,10 +56,18 @@ def main() -> None:
     timed = call_timer(model, calls)
     call_host: list = []  # perf_counter at each UNet call's start and end (host side)
 
+    profiled: dict = {}  # SDXLOPT_MICRO_FIRSTCALL: cProfile of the setup + first UNet call, and of one later call
+
     def stamp_call(executor, *args, **kwargs):
+        n = len(call_host) // 2
+        prof = profiled.get(n)
+        if prof is not None and n:
+            prof.enable()
         call_host.append(time.perf_counter())
         out = executor(*args, **kwargs)
         call_host.append(time.perf_counter())
+        if prof is not None:
+            prof.disable()
         return out
 
     import comfy.patcher_extension
@@ -97,6 +105,8 @@ def main() -> None:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
         ctx.sync()
+        if 0 in profiled:
+            profiled[0].enable()
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -119,6 +129,7 @@ def main() -> None:
                     step_wall_ms=1e3 * statistics.median(wall), step_host_ms=1e3 * statistics.median(host),
                     step_host_sum_s=sum(host), calls=len(calls),
                     to_first_call_s=call_host[0] - t0 if call_host else 0.0,
+                    first_call_s=call_host[1] - call_host[0] if len(call_host) > 1 else 0.0,
                     after_last_call_s=t1 - call_host[-1] if call_host else 0.0, sites=sites)
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, stack {stack}", flush=True)
@@ -189,6 +200,10 @@ def main() -> None:
         print(f"run with spies: wall {r['wall_s']:.3f} s; calls that took > 50 us, by site (count, host ms):")
         for (n, site), (c, dt) in sorted(spent.items(), key=lambda kv: -kv[1][1])[:12]:
             print(f"  {c:5d} {dt * 1e3:8.1f} ms  {n:8s} {site}")
+    if os.environ.get("SDXLOPT_MICRO_FIRSTCALL") == "1":
+        first_call_report(run, profiled)
+    if os.environ.get("SDXLOPT_MICRO_TIMELINE") == "1":
+        timeline_report(run)
     if os.environ.get("SDXLOPT_MICRO_IDLE") == "1":
         idle_report(run)
     if quick:
@@ -197,6 +212,81 @@ def main() -> None:
     print(f"sync debug run: wall {dbg['wall_s']:.3f} s; synchronizing calls by site ({sum(dbg['sites'].values())}):")
     for site, n in dbg["sites"].most_common(15):
         print(f"  {n:5d}  {site}")
+
+
+def first_call_report(run, profiled: dict) -> None:
+    """Host time of the run's setup plus its first UNet call, and of one later (full, batch 2) call: cProfile."""
+    import cProfile
+    import io
+    import pstats
+
+    for n, what in ((0, "run start to the end of the first UNet call"), (3, "UNet call 3 (a full step)")):
+        profiled.clear()
+        profiled[n] = cProfile.Profile()
+        r = run()
+        buf = io.StringIO()
+        st = pstats.Stats(profiled[n], stream=buf)
+        print(f"cProfile, {what} (run wall {r['wall_s']:.4f} s, host before the first call "
+              f"{r['to_first_call_s'] * 1e3:.1f} ms, first call {r['first_call_s'] * 1e3:.1f} ms):")
+        rows = [(ct, tt, nc, f"{os.path.basename(f)}:{ln}({fn})")
+                for (f, ln, fn), (_, nc, tt, ct, _) in st.stats.items() if ct >= 5e-4]
+        for ct, tt, nc, name in sorted(rows, reverse=True)[:45]:
+            print(f"  cum {ct * 1e3:8.2f} ms  own {tt * 1e3:7.2f} ms  x{nc:<6d} {name}")
+        print("  by own time:")
+        for ct, tt, nc, name in sorted(rows, key=lambda r: -r[1])[:20]:
+            print(f"  own {tt * 1e3:7.2f} ms  cum {ct * 1e3:8.2f} ms  x{nc:<6d} {name}")
+    profiled.clear()
+
+
+def timeline_report(run) -> None:
+    """The start and the end of one run on one clock (CPU + CUDA activity, no stacks): our own ranges
+    (record_function around the layout walk, the compiled call, the UNet call), the CUDA runtime calls of
+    >= 0.3 ms, and the GPU's idle gaps of >= 0.5 ms, in time order."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from sdxl_optimizer.nodes import compile as node
+    from sdxl_optimizer.ops import compile as cops
+
+    def ranged(obj, attr, label):
+        orig = getattr(obj, attr)
+
+        def wrapped(*a, **k):
+            with record_function(label):
+                return orig(*a, **k)
+        setattr(obj, attr, wrapped)
+        return lambda: setattr(obj, attr, orig)
+
+    undo = [ranged(node.CompiledPath, "_layout", "## layout walk"), ranged(node.CompiledPath, "_invoke", "## _invoke"),
+            ranged(cops.CompiledEntry, "__call__", "## compiled call (guards + graph)"),
+            ranged(node.CompiledPath, "call", "## CompiledPath.call")]
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            r = run()
+    finally:
+        for u in undo:
+            u()
+    evs = list(prof.events())
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in evs if e.device_type == DeviceType.CUDA
+                     and e.time_range.end > e.time_range.start)
+    cpu = [e for e in evs if e.device_type != DeviceType.CUDA]
+    t0 = min([e.time_range.start for e in cpu] + [k[0] for k in kernels])
+    rows = []
+    for e in cpu:
+        d = e.time_range.elapsed_us()
+        if e.name.startswith("##") or (e.name.startswith("cuda") and d >= 300):
+            rows.append((e.time_range.start - t0, d, "host", e.name))
+    end = kernels[0][0] if kernels else 0
+    for s0, s1 in kernels:
+        if s0 - end >= 500:
+            rows.append((end - t0, s0 - end, "GPU idle", ""))
+        end = max(end, s1)
+    total = max((k[1] for k in kernels), default=t0) - t0
+    print(f"timeline of one run (CPU + CUDA activity; wall {r['wall_s']:.4f} s; offsets from the first event, "
+          f"trace length {total / 1e3:.1f} ms):")
+    for at, d, who, name in sorted(rows):
+        if at <= 130e3 or at >= total - 60e3:
+            print(f"  {at / 1e3:8.2f} ms  {d / 1e3:7.2f} ms  {who:8s} {name}")
 
 
 def idle_report(run) -> None:
@@ -266,13 +356,45 @@ def idle_report(run) -> None:
     def skip_guards():
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
-    def both():
-        st = contextlib.ExitStack()
-        st.enter_context(skip_guards())
-        st.enter_context(no_gc())
-        return st
+    @contextlib.contextmanager
+    def skip_guards_after_first():  # full guards on the run's first UNet call only
+        from sdxl_optimizer.nodes import compile as node
 
-    variants = {"as is": contextlib.nullcontext, "guards skipped": skip_guards, "gc off": no_gc, "both": both}
+        orig = node.CompiledPath._invoke
+        seen = []
+
+        def invoke(self, *a, **k):
+            seen.append(1)
+            with skip_guards() if len(seen) > 1 else contextlib.nullcontext():
+                return orig(self, *a, **k)
+
+        node.CompiledPath._invoke = invoke
+        try:
+            yield
+        finally:
+            node.CompiledPath._invoke = orig
+
+    @contextlib.contextmanager
+    def named_walk():  # the signature walk before session 11: named_parameters(), then a second walk for blocks
+        from sdxl_optimizer.ops import compile as cops
+
+        orig = cops.module_layout
+
+        def slow(module, block_type=None):
+            items = [(n, p.dtype, tuple(p.shape), p.stride(), str(p.device)) for n, p in module.named_parameters()]
+            items += [(n, t.dtype, tuple(t.shape), t.stride(), str(t.device)) for n, t in module.named_buffers()]
+            blocks = [m for m in module.modules() if block_type is not None and isinstance(m, block_type)]
+            return hash(tuple(items)), blocks
+
+        cops.module_layout = slow
+        try:
+            yield
+        finally:
+            cops.module_layout = orig
+
+    variants = {"as is": contextlib.nullcontext, "guards skipped": skip_guards,
+                "guards skipped after call 0": skip_guards_after_first, "gc off": no_gc,
+                "old signature walk": named_walk}
     walls: dict = collections.defaultdict(list)
     firsts: dict = collections.defaultdict(list)
     for _ in range(int(os.environ.get("SDXLOPT_MICRO_ROUNDS", "5"))):
@@ -284,12 +406,12 @@ def idle_report(run) -> None:
                 print(f"  {name}: {type(e).__name__}: {e}"[:200])
                 continue
             walls[name].append(r["wall_s"])
-            firsts[name].append(r["to_first_call_s"])
-    print("interleaved runs, upper bounds of host savings (median wall s, median host ms before the first call):")
+            firsts[name].append(r["first_call_s"])
+    print("interleaved runs (median wall s; median host ms of the first UNet call):")
     for name in variants:
         if walls[name]:
             print(f"  {name:16s} {statistics.median(walls[name]):.4f}  ({', '.join(f'{w:.4f}' for w in walls[name])})"
-                  f"  setup {1e3 * statistics.median(firsts[name]):.1f} ms")
+                  f"  first call {1e3 * statistics.median(firsts[name]):.1f} ms")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ This splits one image (the bench's own path, nodes.common_ksampler, under infere
   - per-step host time (callback to callback, thread CPU time) by step kind;
   - every call that synchronizes the host with the GPU during a run (torch.cuda.set_sync_debug_mode), by
     Python call site (frames in comfy / sdxl_optimizer / nodes), with counts.
-Set SDXLOPT_MICRO_STACK=plain for the compiled model alone (same split).
+Set SDXLOPT_MICRO_STACK=plain for the compiled model alone (same split), =fp8_compute_deepcache_cutoff for the
+stack on the fp8 loader with fp8 compute.
 
 SDXLOPT_MICRO_IDLE=1 (after the conditioning fix, session 11): where the GPU waits for the host. One run traced
 with CUDA activity only (little host overhead): the GPU's busy time (union of kernels), its idle time inside the
@@ -50,6 +51,10 @@ def main() -> None:
 
     base = ctx.base_model()
     stack = os.environ.get("SDXLOPT_MICRO_STACK", "deepcache_cutoff")
+    if stack == "fp8_compute_deepcache_cutoff":  # the fp8 loader with fp8 compute, as the compile case builds it
+        from bench.cases.compile import fp8_model
+
+        base = fp8_model(ctx, base, False, True)[0]
     model = _compile(base, "inductor", "reduce-overhead") if stack == "plain" else \
         _compile(_cutoff(_deepcache(base, 3), 0.5), "inductor", "reduce-overhead")
     calls: list = []

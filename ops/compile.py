@@ -15,7 +15,7 @@ This module is the torch-only half:
   per latent size inside it (bounded, least recently used dropped). Each entry compiles a private copy of
   a trampoline function, so it has its own dynamo cache and recompile budget;
 - guards: weights are graph *inputs* (dynamo inlines nn.Modules), and the per-parameter tensor guards
-  are dropped (`drop_parameter_guards`): the family key carries the layout instead (`parameter_signature`),
+  are dropped (`drop_parameter_guards`): the family key carries the layout instead (`module_layout`),
   checked once per run, so a LoRA strength change or a weight patch (new Parameter objects, other
   requires_grad) never recompiles;
 - batch helpers for warm-up (the cond-only batch a CFG cutoff will use) and the CUDA-graph output rule
@@ -135,7 +135,7 @@ def drop_parameter_guards(entries: Sequence[Any]) -> list[bool]:
 
     Weights are graph inputs, read at each call; their guards only check metadata (dtype, shape, stride,
     requires_grad), which ComfyUI changes when it patches a LoRA (a new Parameter, requires_grad False).
-    The family key (parameter_signature) checks dtype/shape/stride/device once per run instead.
+    The family key (module_layout) checks dtype/shape/stride/device once per run instead.
     """
     return [not (e.guard_type == "TENSOR_MATCH" and isinstance(e.value, torch.nn.Parameter)) for e in entries]
 
@@ -249,11 +249,6 @@ def module_layout(module: torch.nn.Module, block_type: type | None = None) -> tu
                 if t is not None:
                     items.append((t.dtype, t.shape, t.stride(), t.device))
     return hash(tuple(items)), blocks
-
-
-def parameter_signature(module: torch.nn.Module) -> int:
-    """Hash of every parameter's and buffer's dtype, shape, stride and device (the layout a graph assumes)."""
-    return module_layout(module)[0]
 
 
 def tensor_layout_key(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple:

@@ -33,6 +33,7 @@ import statistics
 import time
 import traceback
 import warnings
+from unittest import mock
 
 import torch
 
@@ -243,6 +244,19 @@ def first_call_report(run, profiled: dict) -> None:
     profiled.clear()
 
 
+def gpu_gaps(kernels: list) -> tuple[list, float, float]:
+    """Idle gaps between the (start, end, name) kernel intervals sorted by start: ([(length, at, name before,
+    name after)], busy time (their union), end of the last one); times as the profiler gives them (us)."""
+    gaps, busy, end, prev = [], 0.0, kernels[0][0], ""
+    for s0, s1, name in kernels:
+        if s0 > end:
+            gaps.append((s0 - end, end, prev, name))
+        busy += max(0.0, s1 - max(s0, end))
+        if s1 > end:
+            end, prev = s1, name
+    return gaps, busy, end
+
+
 def timeline_report(run) -> None:
     """The start and the end of one run on one clock (CPU + CUDA activity, no stacks): our own ranges
     (record_function around the layout walk, the compiled call, the UNet call), the CUDA runtime calls of
@@ -259,20 +273,18 @@ def timeline_report(run) -> None:
         def wrapped(*a, **k):
             with record_function(label):
                 return orig(*a, **k)
-        setattr(obj, attr, wrapped)
-        return lambda: setattr(obj, attr, orig)
+        return mock.patch.object(obj, attr, wrapped)
 
-    undo = [ranged(node.CompiledPath, "_layout", "## layout walk"), ranged(node.CompiledPath, "_invoke", "## _invoke"),
-            ranged(cops.CompiledEntry, "__call__", "## compiled call (guards + graph)"),
-            ranged(node.CompiledPath, "call", "## CompiledPath.call")]
-    try:
+    with contextlib.ExitStack() as patches:
+        for obj, attr, label in ((node.CompiledPath, "_layout", "## layout walk"),
+                                 (node.CompiledPath, "_invoke", "## _invoke"),
+                                 (cops.CompiledEntry, "__call__", "## compiled call (guards + graph)"),
+                                 (node.CompiledPath, "call", "## CompiledPath.call")):
+            patches.enter_context(ranged(obj, attr, label))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             r = run()
-    finally:
-        for u in undo:
-            u()
     evs = list(prof.events())
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in evs if e.device_type == DeviceType.CUDA
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in evs if e.device_type == DeviceType.CUDA
                      and e.time_range.end > e.time_range.start)
     cpu = [e for e in evs if e.device_type != DeviceType.CUDA]
     t0 = min([e.time_range.start for e in cpu] + [k[0] for k in kernels])
@@ -281,12 +293,9 @@ def timeline_report(run) -> None:
         d = e.time_range.elapsed_us()
         if e.name.startswith("##") or (e.name.startswith("cuda") and d >= 300):
             rows.append((e.time_range.start - t0, d, "host", e.name))
-    end = kernels[0][0] if kernels else 0
-    for s0, s1 in kernels:
-        if s0 - end >= 500:
-            rows.append((end - t0, s0 - end, "GPU idle", ""))
-        end = max(end, s1)
-    total = max((k[1] for k in kernels), default=t0) - t0
+    gaps, _, end = gpu_gaps(kernels) if kernels else ([], 0.0, t0)
+    rows += [(at - t0, d, "GPU idle", "") for d, at, _, _ in gaps if d >= 500]
+    total = end - t0
     print(f"timeline of one run (CPU + CUDA activity; wall {r['wall_s']:.4f} s; offsets from the first event, "
           f"trace length {total / 1e3:.1f} ms):")
     for at, d, who, name in sorted(rows):
@@ -306,14 +315,8 @@ def idle_report(run) -> None:
     print(f"traced run (CUDA activity only): wall {r['wall_s']:.4f} s, host before the first UNet call "
           f"{r['to_first_call_s'] * 1e3:.1f} ms, after the last {r['after_last_call_s'] * 1e3:.1f} ms")
     if kernels:
-        busy, gaps, end = 0.0, [], kernels[0][0]
-        prev = ""
-        for s0, s1, name in kernels:
-            if s0 > end:
-                gaps.append((s0 - end, end - kernels[0][0], prev, name))
-            busy += max(0.0, s1 - max(s0, end))
-            if s1 > end:
-                end, prev = s1, name
+        gaps, busy, end = gpu_gaps(kernels)
+        gaps = [(d, at - kernels[0][0], a, b) for d, at, a, b in gaps]  # at: from the first kernel
         span = end - kernels[0][0]
         idle = [g for g in gaps if g[0] >= 20]
         print(f"  GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {(span - busy) / 1e3:.1f} ms "
@@ -361,7 +364,6 @@ def idle_report(run) -> None:
     def skip_guards():
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
-    @contextlib.contextmanager
     def skip_guards_after_first():  # full guards on the run's first UNet call only
         from sdxl_optimizer.nodes import compile as node
 
@@ -372,30 +374,17 @@ def idle_report(run) -> None:
             seen.append(1)
             with skip_guards() if len(seen) > 1 else contextlib.nullcontext():
                 return orig(self, *a, **k)
+        return mock.patch.object(node.CompiledPath, "_invoke", invoke)
 
-        node.CompiledPath._invoke = invoke
-        try:
-            yield
-        finally:
-            node.CompiledPath._invoke = orig
-
-    @contextlib.contextmanager
     def named_walk():  # the signature walk before session 11: named_parameters(), then a second walk for blocks
         from sdxl_optimizer.ops import compile as cops
-
-        orig = cops.module_layout
 
         def slow(module, block_type=None):
             items = [(n, p.dtype, tuple(p.shape), p.stride(), str(p.device)) for n, p in module.named_parameters()]
             items += [(n, t.dtype, tuple(t.shape), t.stride(), str(t.device)) for n, t in module.named_buffers()]
             blocks = [m for m in module.modules() if block_type is not None and isinstance(m, block_type)]
             return hash(tuple(items)), blocks
-
-        cops.module_layout = slow
-        try:
-            yield
-        finally:
-            cops.module_layout = orig
+        return mock.patch.object(cops, "module_layout", slow)
 
     variants = {"as is": contextlib.nullcontext, "guards skipped": skip_guards,
                 "guards skipped after call 0": skip_guards_after_first, "gc off": no_gc,

@@ -119,7 +119,7 @@ class Fp8Linear(Fp8Layer, comfy.ops.manual_cast.Linear):
         comfy.ops.run_every_op()
         if self.fp8_compute:  # weight still fp8: fp8 tensor cores where the shapes allow, else the upcast
             if fp8ops.scaled_applicable(input, wb[0]):
-                return fp8ops.scaled_linear(input, wb[0], wb[1])
+                return fp8ops.scaled_linear(input, wb[0], wb[1], self._buffers.get("fp8_scale"))
             return fp8ops.linear(input, wb[0], wb[1])
         if self.fp8_fused:  # weight still fp8: the fused kernel where it applies, else the upcast
             return fp8ops.linear(input, wb[0], wb[1], fused=True)

@@ -38,8 +38,8 @@ FUSED_MIN_ROWS = 16
 
 
 # fp8 compute (torch._scaled_mm): activations rounded to e4m3fn too, both operands on fp8 tensor cores (up to
-# 1.5x the fp16 matmul rate on an H100 at SDXL's shapes). Every dimension must be a multiple of SCALED_ALIGN;
-# other calls (cross-attention keys/values over 77 tokens, the timestep embedding) take the upcast
+# 1.5x the fp16 matmul rate on an H100 at SDXL's shapes). The inner and output dimensions must be multiples of
+# SCALED_ALIGN (every SDXL Linear's are); other calls take the upcast
 SCALED_MIN_CAPABILITY = (8, 9)
 SCALED_ALIGN = 16
 E4M3_MAX = 448.0
@@ -136,6 +136,18 @@ class Fp8WeightStorage:
             # the base class allocated an uninitialized compute-dtype weight: swap it for fp8 storage
             self.weight = torch.nn.Parameter(torch.empty(w.shape, dtype=self.fp8_storage_dtype, device=w.device),
                                              requires_grad=False)
+        if isinstance(self, torch.nn.Linear):
+            self._set_unit_scale()
+
+    def _set_unit_scale(self) -> None:
+        """`fp8_scale`: the weight's scale for fp8 compute (scaled_linear), 1 (weights are plain casts), fp32 on
+        the weight's device. A non-persistent buffer, not in state dicts: under torch.compile a graph input,
+        where a scale made in the forward is one fill kernel per matmul in the graph (1,164 of them in a
+        batch-1 SDXL forward, ~1 ms of GPU time: bench/results/micro_batch1_kernels_h100.txt). Re-made after
+        every move or cast (_apply), so it is 1 whatever the cast or an empty-like materialization left."""
+        w = self.weight
+        device = w.device if w is not None and not w.is_meta else None
+        self.register_buffer("fp8_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -161,12 +173,16 @@ class Fp8WeightStorage:
         for key in loaded:
             if key in missing_keys:
                 missing_keys.remove(key)
+        if "fp8_scale" in self._buffers:  # the weight may have left the meta device: the scale follows it
+            self._set_unit_scale()
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         w = self.weight
         if w is not None and w.dtype != self.fp8_storage_dtype and w.is_floating_point() and not w.is_meta:
             self.weight = torch.nn.Parameter(quantize(w.detach(), self.fp8_storage_dtype), requires_grad=False)
+        if "fp8_scale" in self._buffers:
+            self._set_unit_scale()
         return out
 
 
@@ -333,12 +349,13 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def scaled_applicable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch._scaled_mm takes this call: fp16/bf16 activations and an fp8 weight on one device, every
-    dimension (rows, in, out) a multiple of SCALED_ALIGN."""
+    """torch._scaled_mm takes this call: fp16/bf16 activations and an fp8 weight on one device, the inner and
+    the output dimension multiples of SCALED_ALIGN (any number of rows: cross-attention keys/values over 77
+    tokens and the embeddings' few rows too, as ComfyUI's fp8_e4m3fn_fast does)."""
     k = x.shape[-1]
     return (x.dtype in FUSED_ACTIVATION_DTYPES and is_fp8(weight.dtype) and x.device == weight.device
             and k == weight.shape[-1] and k % SCALED_ALIGN == 0 and weight.shape[0] % SCALED_ALIGN == 0
-            and x.numel() > 0 and (x.numel() // k) % SCALED_ALIGN == 0)
+            and x.numel() > 0)
 
 
 # fast fp8 accumulation (use_fast_accum: no periodic promotion of the partial sums to fp32), read when a call is
@@ -351,8 +368,9 @@ _ONES: dict[tuple[str, int | None], torch.Tensor] = {}
 def _unit_scale(device: torch.device) -> torch.Tensor:
     """The weight's scale (1: weights are stored as plain casts), one tensor per device, made on its first
     (eager) call: no per-call fill, nothing allocated inside a CUDA-graph capture that an eager call preceded.
-    Under torch.compile a constant in the graph instead (filling the cache there would change a global the
-    compiled code guards on: a recompile on the next call)."""
+    Under torch.compile a new tensor in the graph instead (filling the cache there would change a global the
+    compiled code guards on: a recompile on the next call), one fill kernel per call: fp8 Linear layers pass
+    their fp8_scale buffer instead (Fp8WeightStorage)."""
     if _is_compiling():
         return torch.ones((), device=device, dtype=torch.float32)
     index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
@@ -362,28 +380,32 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
     return one
 
 
-def quantize_activation(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(x2: torch.Tensor, one: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-D fp16/bf16 activation -> (e4m3fn values, fp32 scale 1): clamped to +-E4M3_MAX (saturates, never
-    NaN) and cast, as ComfyUI's fp8_e4m3fn_fast does. One pointwise pass, which torch.compile fuses into the
-    op that made x. A scale per call from the call's largest |x| was measured too: its reduction pass cost
-    more than the fp8 matmul saves (batch 2, 1024x1024, H100: 60.6 vs 47.5 ms per forward in a CUDA graph,
+    NaN) and cast, as ComfyUI's fp8_e4m3fn_fast does; the scale is `one` when given (a layer's fp8_scale), else
+    _unit_scale's. One pointwise pass, which torch.compile fuses into the op that made x. A scale per call
+    from the call's largest |x| was measured too: its reduction pass cost more than the fp8 matmul saves (batch 2, 1024x1024, H100: 60.6 vs 47.5 ms per forward in a CUDA graph,
     fp16 43.0; compiled 36.7 vs 31.1 ms, fp16 33.2-33.8; bench/results/micro_fp8_compute_h100.txt) and gave
     no smaller error on the random SDXL (0.243 vs 0.218 against fp16)."""
-    return x2.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), _unit_scale(x2.device)
+    return x2.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), _unit_scale(x2.device) if one is None else one
 
 
-def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + b on fp8 tensor cores: x clamped and rounded to e4m3fn (quantize_activation), W as stored
-    (fp8, scale 1), accumulated in fp32, returned in x's dtype. The caller checks scaled_applicable."""
+    (fp8, scale 1), accumulated in fp32, returned in x's dtype. The caller checks scaled_applicable.
+    `scale`: a float32 1 on x's device to use for both operands (the layer's fp8_scale buffer), else one is
+    made (_unit_scale)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    xq, scale = quantize_activation(x2)
+    one = scale if scale is not None and scale.device == x.device and scale.dtype == torch.float32 else None
+    xq, scale_a = quantize_activation(x2, one)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    y = torch._scaled_mm(xq, weight.t(), scale_a=scale, scale_b=_unit_scale(x.device), bias=bias,
-                         out_dtype=x.dtype, use_fast_accum=SCALED_FAST_ACCUM)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=_unit_scale(x.device) if one is None else one,
+                         bias=bias, out_dtype=x.dtype, use_fast_accum=SCALED_FAST_ACCUM)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -30,7 +30,7 @@ SHAPES = [  # (rows, in, out): attention projection, GEGLU in, GEGLU out at 64x6
 ]
 
 
-def dynamic_quantize(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_quantize(x2: torch.Tensor, one: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The measured alternative: one scale per call, the call's largest |x| mapped to e4m3fn's largest value."""
     from sdxl_optimizer.ops import fp8 as ofp8
 

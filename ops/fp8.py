@@ -145,8 +145,7 @@ class Fp8WeightStorage:
         where a scale made in the forward is one fill kernel per matmul in the graph (1,164 of them in a
         batch-1 SDXL forward, ~1 ms of GPU time: bench/results/micro_batch1_kernels_h100.txt). Re-made after
         every move or cast (_apply), so it is 1 whatever the cast or an empty-like materialization left."""
-        w = self.weight
-        device = w.device if w is not None and not w.is_meta else None
+        device = None if self.weight is None else self.weight.device  # meta too: re-made when the weight lands
         self.register_buffer("fp8_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -579,6 +579,7 @@ def test_fp8_linear_keeps_a_unit_scale_through_loads_moves_and_casts():
     assert one(lin.half()) and one(lin.to(torch.bfloat16)), "a model-wide cast leaves the scale fp32"
     assert one(lin.to_empty(device="cpu")), "an empty-like materialization re-makes it"
     meta = ops.Linear(64, 48, dtype=torch.float16, device="meta")
+    assert meta.fp8_scale.is_meta, "a layer built on the meta device holds no memory yet"
     meta.load_state_dict(src)
     assert meta.weight.device.type == "cpu" and one(meta), "the scale follows the weight off the meta device"
     assert "fp8_scale" not in dict(ops.Conv2d(4, 4, 3).named_buffers()), "convolutions upcast: no scale"

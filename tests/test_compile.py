@@ -349,6 +349,10 @@ def test_fp8_compute_compiled_equals_eager_with_scaled_mm_in_the_graph():
     with torch.no_grad():
         fn(type(unet)._forward, (unet, inp["x"], inp["t"], inp["context"], inp["y"], None, topts), {})
     assert any("_scaled_mm" in t for t in ops_seen), "expected torch._scaled_mm in the traced UNet forward"
+    linears = sum(isinstance(mod, torch.nn.Linear) for mod in unet.modules())
+    assert sum("_scaled_mm" in t for t in ops_seen) == linears, "every Linear on fp8, whatever its row count"
+    made = [t for t in ops_seen if "ones" in t or "full" in t]
+    assert not made, f"expected no scale made in the graph (each layer's fp8_scale is an input), got {made[:3]}"
 
 
 def test_full_stack_in_any_order_equals_eager_with_one_compile_per_batch():

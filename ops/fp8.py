@@ -383,9 +383,10 @@ def quantize_activation(x2: torch.Tensor, one: torch.Tensor | None = None) -> tu
     """A 2-D fp16/bf16 activation -> (e4m3fn values, fp32 scale 1): clamped to +-E4M3_MAX (saturates, never
     NaN) and cast, as ComfyUI's fp8_e4m3fn_fast does; the scale is `one` when given (a layer's fp8_scale), else
     _unit_scale's. One pointwise pass, which torch.compile fuses into the op that made x. A scale per call
-    from the call's largest |x| was measured too: its reduction pass cost more than the fp8 matmul saves (batch 2, 1024x1024, H100: 60.6 vs 47.5 ms per forward in a CUDA graph,
-    fp16 43.0; compiled 36.7 vs 31.1 ms, fp16 33.2-33.8; bench/results/micro_fp8_compute_h100.txt) and gave
-    no smaller error on the random SDXL (0.243 vs 0.218 against fp16)."""
+    from the call's largest |x| was measured too: its reduction pass cost more than the fp8 matmul saves
+    (batch 2, 1024x1024, H100: 60.6 vs 47.5 ms per forward in a CUDA graph, fp16 43.0; compiled 36.7 vs
+    31.1 ms, fp16 33.2-33.8; bench/results/micro_fp8_compute_h100.txt) and gave no smaller error on the
+    random SDXL (0.243 vs 0.218 against fp16)."""
     return x2.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), _unit_scale(x2.device) if one is None else one
 
 

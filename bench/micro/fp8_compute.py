@@ -31,7 +31,8 @@ SHAPES = [  # (rows, in, out): attention projection, GEGLU in, GEGLU out at 64x6
 
 
 def dynamic_quantize(x2: torch.Tensor, one: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The measured alternative: one scale per call, the call's largest |x| mapped to e4m3fn's largest value."""
+    """The measured alternative: one scale per call, the call's largest |x| mapped to e4m3fn's largest value.
+    `one` (a layer's unit scale, passed by scaled_linear since session 12) is ignored: the scale is computed."""
     from sdxl_optimizer.ops import fp8 as ofp8
 
     amax = torch.linalg.vector_norm(x2, ord=float("inf"), dtype=torch.float32).clamp(min=2.0 ** -4)

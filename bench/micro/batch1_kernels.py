@@ -63,7 +63,7 @@ def main() -> None:
     from bench.cases.fp8 import _build, _forward_inputs
     from bench.common import BenchContext, rel_err
     from bench.micro.fp8_compute import graph_ms
-    from bench.micro.unet_kernels import kernel_table, kind_of
+    from bench.micro.unet_kernels import kind_of, profile_kernels
 
     ctx = BenchContext(small=False, out_dir=None)  # boots ComfyUI, which makes the pack importable
     import comfy.model_management as mm
@@ -111,7 +111,6 @@ def main() -> None:
     from unittest import mock
 
     import torch._dynamo as dynamo
-    from torch.profiler import ProfilerActivity, profile
 
     scaled, applicable = ofp8.scaled_linear, ofp8.scaled_applicable
     before = (mock.patch.object(ofp8, "scaled_linear", lambda x, w, b=None, scale=None: scaled(x, w, b)),
@@ -135,14 +134,7 @@ def main() -> None:
             res[name] = graph_ms(cf, calls=3, rounds=10)
             print(f"  {name}: {res[name]:.2f} ms ({res[name] / res[chosen[0]]:.3f}x {chosen[0]}), compiled in "
                   f"{c_s:.0f} s", flush=True)
-            for _ in range(2):
-                cf()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    cf()
-                torch.cuda.synchronize()
-        kinds, rows = kernel_table(prof, 3)
+            kinds, rows = profile_kernels(cf)
         total = sum(kinds.values())
         print(f"  {name} kernels {total:.2f} ms per forward: " + ", ".join(
             f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))

@@ -86,10 +86,9 @@ def best_fp8_rate(batch: int, gen) -> float:
 def profile_compiled(fwd, batch: int) -> tuple[float, float, dict[str, float]]:
     """(compile s, CUDA-graph replay ms, kernel ms by class) of fwd(batch) compiled with inductor "default"."""
     import torch._dynamo as dynamo
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     from bench.micro.fp8_compute import graph_ms
+    from bench.micro.unet_kernels import profile_kernels
 
     dynamo.reset()
     compiled = torch.compile(lambda: fwd(batch), mode="default")
@@ -99,19 +98,10 @@ def profile_compiled(fwd, batch: int) -> tuple[float, float, dict[str, float]]:
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
         replay_ms = graph_ms(compiled, calls=3, rounds=10)
-        for _ in range(2):
-            compiled()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                compiled()
-            torch.cuda.synchronize()
+        rows = profile_kernels(compiled)[1]
     by_class: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.device_type == DeviceType.CPU:
-            continue
-        us = float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
-        by_class[class_of(e.key)] = by_class.get(class_of(e.key), 0.0) + us / 3 / 1000
+    for key, ms, _count in rows:
+        by_class[class_of(key)] = by_class.get(class_of(key), 0.0) + ms
     return compile_s, replay_ms, by_class
 
 

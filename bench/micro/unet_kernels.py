@@ -53,6 +53,20 @@ def kernel_table(prof, forwards: int) -> tuple[dict[str, float], list[tuple[str,
     return by_kind, rows
 
 
+def profile_kernels(fn, calls: int = 3) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """kernel_table of `calls` calls of fn() under torch.profiler (CUDA activity), after two warm-up calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_table(prof, calls)
+
+
 def graphed(fn, calls: int = 1):
     """Capture `calls` calls of fn() in one CUDA graph (after warm-up on a side stream); returns (replay, the
     last call's output)."""
@@ -146,17 +160,8 @@ def main() -> None:
         replays.clear()
         outs.clear()
 
-        from torch.profiler import ProfilerActivity, profile
-
-        def split(title, fn, n=3):
-            for _ in range(2):
-                fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(n):
-                    fn()
-                torch.cuda.synchronize()
-            kinds, rows = kernel_table(prof, n)
+        def split(title, fn):
+            kinds, rows = profile_kernels(fn)
             total = sum(kinds.values())
             print(f"\n{title}: kernels {total:.2f} ms per forward: " + ", ".join(
                 f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))

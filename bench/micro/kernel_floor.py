@@ -3,6 +3,8 @@ can do, and what issue 8's 50-step targets (1.2 s at cfg 5; 0.9 s with the CFG c
 
     python -m bench.micro.kernel_floor          (from bench/gpu_run.sh's environment: ComfyUI importable)
     SDXLOPT_MICRO_BATCHES=2,1                   (the batches to compile and profile, in order; default 2,1)
+    SDXLOPT_MICRO_INDUCTOR='default;coordinate_descent_tuning=1'   (inductor settings to compare, see part 3)
+    SDXLOPT_MICRO_TOP=15                        (also list each variant's 15 costliest Triton kernels)
     python -m bench.micro.kernel_floor --flops  (part 1 only: runs on CPU, no GPU needed)
 
 1. FLOPs of one 1024x1024 forward by class, counted by torch.utils.flop_counter on the full SDXL UNet (ComfyUI's
@@ -13,7 +15,8 @@ can do, and what issue 8's 50-step targets (1.2 s at cfg 5; 0.9 s with the CFG c
    `fp8_compute` builds it) compiled with inductor "default" and replayed in a CUDA graph; its GPU kernel time
    by class: GEMM (cuBLAS), convolution (cuDNN), attention (cuDNN/flash), Triton (inductor's fused norms,
    activations and casts, the convolutions' input kernels included), other (memsets, copies); each compute
-   class's TFLOP/s; idle = replay time minus kernel time.
+   class's TFLOP/s; idle = replay time minus kernel time. With SDXLOPT_MICRO_INDUCTOR, once per variant of
+   torch._inductor.config (part 4 takes the first).
 4. Bounds on 50 x forward(batch 2) and 25 x (forward(batch 2) + forward(batch 1)): (A) as measured; (B) every
    GEMM at part 2's best rate; (C) B, and the convolutions' FLOPs at that rate as well (an fp8 convolution,
    which torch does not have); (D) C, and attention at twice its measured rate (an fp8 attention, which no
@@ -83,26 +86,47 @@ def best_fp8_rate(batch: int, gen) -> float:
     return best
 
 
-def profile_compiled(fwd, batch: int) -> tuple[float, float, dict[str, float]]:
-    """(compile s, CUDA-graph replay ms, kernel ms by class) of fwd(batch) compiled with inductor "default"."""
+def inductor_variants() -> dict[str, dict]:
+    """SDXLOPT_MICRO_INDUCTOR: variants separated by ';', each 'default' or comma-separated torch._inductor.config
+    settings (name=value; 1/0 for booleans), e.g. 'default;coordinate_descent_tuning=1'."""
+    out = {}
+    for text in os.environ.get("SDXLOPT_MICRO_INDUCTOR", "default").split(";"):
+        settings = {}
+        for item in filter(None, text.split(",")):
+            if item == "default":
+                continue
+            key, value = item.split("=", 1)
+            settings[key] = {"1": True, "0": False}.get(value, int(value) if value.isdigit() else value)
+        out[text] = settings
+    return out
+
+
+def profile_compiled(fwd, batch: int, settings: dict | None = None) -> tuple[float, float, list]:
+    """(compile s, CUDA-graph replay ms, kernel_table rows) of fwd(batch) compiled with inductor "default" and
+    `settings` of torch._inductor.config."""
     import torch._dynamo as dynamo
+    import torch._inductor.config as inductor_config
 
     from bench.micro.fp8_compute import graph_ms
     from bench.micro.unet_kernels import profile_kernels
 
     dynamo.reset()
     compiled = torch.compile(lambda: fwd(batch), mode="default")
-    with torch.inference_mode():
+    with torch.inference_mode(), inductor_config.patch(settings or {}):
         t0 = time.perf_counter()
         compiled()
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
         replay_ms = graph_ms(compiled, calls=3, rounds=10)
         rows = profile_kernels(compiled)[1]
-    by_class: dict[str, float] = {}
+    return compile_s, replay_ms, rows
+
+
+def by_class(rows: list) -> dict[str, float]:
+    out: dict[str, float] = {}
     for key, ms, _count in rows:
-        by_class[class_of(key)] = by_class.get(class_of(key), 0.0) + ms
-    return compile_s, replay_ms, by_class
+        out[class_of(key)] = out.get(class_of(key), 0.0) + ms
+    return out
 
 
 def bound_ms(replay_ms: float, kernels: dict[str, float], tflop: dict[str, float], rate: float,
@@ -167,17 +191,24 @@ def main() -> None:
         inp = inputs[b]
         return model.model.diffusion_model(inp["x"], timesteps=inp["t"], context=inp["context"], y=inp["y"])
 
+    variants = inductor_variants()
     print("\n3. fp8-compute forward compiled (inductor default), replayed in a CUDA graph; GPU kernel time by class:")
     per = {}
     for b in batches:
-        compile_s, replay_ms, kernels = profile_compiled(fwd, b)
-        per[b] = (replay_ms, kernels)
-        total = sum(kernels.values())
-        rates = ", ".join(f"{k} {tflop[b][k] / kernels[k] * 1000:.0f}" for k in ("gemm", "conv", "attention")
-                          if kernels.get(k))
-        print(f"  batch {b}: {replay_ms:.2f} ms per forward (compiled in {compile_s:.0f} s); kernels {total:.2f} ms: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
-              + f"; idle {replay_ms - total:.2f} ms; TFLOP/s: {rates}", flush=True)
+        for name, settings in variants.items():
+            compile_s, replay_ms, rows = profile_compiled(fwd, b, settings)
+            kernels = by_class(rows)
+            per.setdefault(b, (replay_ms, kernels))  # the bounds take the first variant
+            total = sum(kernels.values())
+            rates = ", ".join(f"{k} {tflop[b][k] / kernels[k] * 1000:.0f}" for k in ("gemm", "conv", "attention")
+                              if kernels.get(k))
+            label = "" if len(variants) == 1 else f" [{name}]"
+            print(f"  batch {b}{label}: {replay_ms:.2f} ms per forward (compiled in {compile_s:.0f} s); kernels "
+                  f"{total:.2f} ms: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
+                  + f"; idle {replay_ms - total:.2f} ms; TFLOP/s: {rates}", flush=True)
+            if os.environ.get("SDXLOPT_MICRO_TOP"):
+                for key, ms, count in [r for r in rows if class_of(r[0]) == "triton"][:int(os.environ["SDXLOPT_MICRO_TOP"])]:
+                    print(f"      {ms:6.3f} ms  x{count:<4d} {key[:110]}")
 
     if 1 not in per or 2 not in per:
         return

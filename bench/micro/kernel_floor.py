@@ -131,12 +131,12 @@ def by_class(rows: list) -> dict[str, float]:
 
 def bound_ms(replay_ms: float, kernels: dict[str, float], tflop: dict[str, float], rate: float,
              scenario: str) -> float:
-    """One forward's time (ms) under a scenario of bound(): replay time with some classes' kernel time replaced
-    by FLOPs / rate (TFLOP/s -> ms: TFLOP / rate * 1000)."""
+    """One forward's time (ms) under one of SCENARIOS: the replay time, with the kernel time of the classes the
+    scenario speeds up replaced by their FLOPs / rate (TFLOP / (TFLOP/s) * 1000 = ms)."""
     t = replay_ms
-    if scenario in "BCD":
+    if scenario in ("B", "C", "D"):
         t += tflop.get("gemm", 0.0) / rate * 1000 - kernels.get("gemm", 0.0)
-    if scenario in "CD":
+    if scenario in ("C", "D"):
         t += tflop.get("conv", 0.0) / rate * 1000 - kernels.get("conv", 0.0)
     if scenario == "D":
         t -= kernels.get("attention", 0.0) / 2

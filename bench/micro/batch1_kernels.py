@@ -63,7 +63,7 @@ def main() -> None:
     from bench.cases.fp8 import _build, _forward_inputs
     from bench.common import BenchContext, rel_err
     from bench.micro.fp8_compute import graph_ms
-    from bench.micro.unet_kernels import kind_of, profile_kernels
+    from bench.micro.unet_kernels import print_split, profile_kernels
 
     ctx = BenchContext(small=False, out_dir=None)  # boots ComfyUI, which makes the pack importable
     import comfy.model_management as mm
@@ -135,11 +135,7 @@ def main() -> None:
             print(f"  {name}: {res[name]:.2f} ms ({res[name] / res[chosen[0]]:.3f}x {chosen[0]}), compiled in "
                   f"{c_s:.0f} s", flush=True)
             kinds, rows = profile_kernels(cf)
-        total = sum(kinds.values())
-        print(f"  {name} kernels {total:.2f} ms per forward: " + ", ".join(
-            f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
-        for key, v, count in rows[:24]:
-            print(f"    {v:6.2f} ms  x{count:<4d} [{kind_of(key)}] {key[:110]}")
+        print_split(f"  {name}", kinds, rows, top=24, indent="    ")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,16 @@ def profile_kernels(fn, calls: int = 3) -> tuple[dict[str, float], list[tuple[st
     return kernel_table(prof, calls)
 
 
+def print_split(head: str, kinds: dict[str, float], rows: list[tuple[str, float, int]], top: int,
+                indent: str) -> None:
+    """One line of kernel time per forward by kind (profile_kernels' output), then the `top` costliest kernels."""
+    total = sum(kinds.values())
+    print(f"{head} kernels {total:.2f} ms per forward: " + ", ".join(
+        f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    for key, v, count in rows[:top]:
+        print(f"{indent}{v:6.2f} ms  x{count:<4d} [{kind_of(key)}] {key[:110]}")
+
+
 def graphed(fn, calls: int = 1):
     """Capture `calls` calls of fn() in one CUDA graph (after warm-up on a side stream); returns (replay, the
     last call's output)."""
@@ -161,12 +171,7 @@ def main() -> None:
         outs.clear()
 
         def split(title, fn):
-            kinds, rows = profile_kernels(fn)
-            total = sum(kinds.values())
-            print(f"\n{title}: kernels {total:.2f} ms per forward: " + ", ".join(
-                f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
-            for key, v, count in rows[:22]:
-                print(f"  {v:6.2f} ms  x{count:<4d} [{kind_of(key)}] {key[:110]}")
+            print_split(f"\n{title}:", *profile_kernels(fn), top=22, indent="  ")
 
         split("eager stock (NCHW, default attention)", fwd)
         to_layout(torch.channels_last)

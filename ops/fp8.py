@@ -394,18 +394,19 @@ def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + b on fp8 tensor cores: x clamped and rounded to e4m3fn (quantize_activation), W as stored
     (fp8, scale 1), accumulated in fp32, returned in x's dtype. The caller checks scaled_applicable.
-    `scale`: a float32 1 on x's device to use for both operands (the layer's fp8_scale buffer), else one is
-    made (_unit_scale)."""
+    `scale`: a float32 1 on x's device to use for both operands (the layer's fp8_scale buffer), else
+    _unit_scale's, also for both."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    one = scale if scale is not None and scale.device == x.device and scale.dtype == torch.float32 else None
+    usable = scale is not None and scale.device == x.device and scale.dtype == torch.float32
+    one = scale if usable else _unit_scale(x.device)
     xq, scale_a = quantize_activation(x2, one)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=_unit_scale(x.device) if one is None else one,
-                         bias=bias, out_dtype=x.dtype, use_fast_accum=SCALED_FAST_ACCUM)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=one, bias=bias, out_dtype=x.dtype,
+                         use_fast_accum=SCALED_FAST_ACCUM)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
